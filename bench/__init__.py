@@ -1,0 +1,1 @@
+"""mmlm bench package."""

@@ -1,0 +1,1 @@
+"""mmlm data package."""

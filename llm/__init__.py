@@ -1,0 +1,1 @@
+"""mmlm llm package."""
