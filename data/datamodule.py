@@ -1,0 +1,82 @@
+"""One LightningDataModule for every modality and stage: records -> dataset -> collator."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from data.collate import ConversationCollator
+from data.dataset import ConversationDataset
+from data.records import read_records
+
+
+def _as_list(files: str | list[str] | None) -> list[str]:
+    if files is None:
+        return []
+    return [files] if isinstance(files, str) else list(files)
+
+
+class ConversationDataModule(L.LightningDataModule):
+    """Reads record files (LLaVA JSON/JSONL or NeMo manifests) for train / val / eval.
+
+    ``tokenizer``, ``modalities`` and ``placeholder_ids`` come from the runner at build time;
+    everything else is plain configuration.
+    """
+
+    def __init__(self, tokenizer: Any, modalities: dict[str, Any], placeholder_ids: dict[str, int],
+                 train_files: str | list[str] | None = None, val_files: str | list[str] | None = None,
+                 eval_files: str | list[str] | None = None, batch_size: int = 8, eval_batch_size: int = 8,
+                 num_workers: int = 0, max_length: int = 1024, skip_bad: bool = False,
+                 max_train_samples: int | None = None, max_val_samples: int | None = 64,
+                 max_eval_samples: int | None = None, sort_by_length: bool = False, seed: int = 0,
+                 eval_manifest: str | None = None, prepare: Any = None):
+        super().__init__()
+        self.tokenizer, self.modalities, self.placeholder_ids = tokenizer, modalities, placeholder_ids
+        self.files = {"train": _as_list(train_files), "val": _as_list(val_files),
+                      "eval": _as_list(eval_manifest) or _as_list(eval_files)}
+        self.limits = {"train": max_train_samples, "val": max_val_samples, "eval": max_eval_samples}
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.max_length, self.skip_bad = num_workers, max_length, skip_bad
+        self.sort_by_length, self.seed = sort_by_length, seed
+        self.prepare = prepare  # optional callable(list[Path]) that builds missing data files
+        self._records: dict[str, list[dict]] = {}
+
+    def prepare_data(self) -> None:
+        missing = [f for fs in self.files.values() for f in fs if not Path(f).exists()]
+        if missing and self.prepare is not None:
+            self.prepare()
+        still = [f for fs in self.files.values() for f in fs if not Path(f).exists()]
+        if still:
+            raise ValueError(f"{still[0]}: data file not found (build it with `make data` or "
+                             f"point data.train_files / data.eval_manifest at your own)")
+
+    def records(self, split: str) -> list[dict]:
+        if split not in self._records:
+            recs = [r for f in self.files[split] for r in read_records(f, tuple(self.modalities), self.seed)]
+            limit = self.limits[split]
+            if limit is not None and len(recs) > limit:
+                rng = random.Random(self.seed)
+                recs = rng.sample(recs, limit) if split == "train" else recs[:limit]
+            self._records[split] = recs
+        return self._records[split]
+
+    def _loader(self, split: str, generate: bool = False, shuffle: bool = False) -> DataLoader:
+        ds = ConversationDataset(self.records(split), self.modalities, self.skip_bad)
+        collate = ConversationCollator(self.tokenizer, self.modalities, self.placeholder_ids,
+                                       self.max_length, generate=generate)
+        bs = self.eval_batch_size if generate or split != "train" else self.batch_size
+        return DataLoader(ds, batch_size=bs, shuffle=shuffle, collate_fn=collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val") if self.files["val"] else []
+
+    def eval_dataloader(self) -> DataLoader | None:
+        return self._loader("eval", generate=True) if self.files["eval"] else None

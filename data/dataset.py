@@ -1,0 +1,50 @@
+"""A dataset of conversation records whose modality references load through their plugins."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from data.records import to_messages
+
+log = logging.getLogger(__name__)
+
+
+class ConversationDataset(Dataset):
+    """Loads each record's modality inputs with ``modality.load_features``.
+
+    With ``skip_bad=True`` a sample whose input fails to load comes back as
+    ``{"skipped": id, "error": msg}``; the collator drops it and the batch reports it, so every
+    skip is counted (also across DataLoader workers). Otherwise the error propagates.
+    """
+
+    def __init__(self, records: list[dict], modalities: dict[str, Any], skip_bad: bool = False):
+        self.records = records
+        self.modalities = modalities
+        self.skip_bad = skip_bad
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        rec = self.records[i]
+        try:
+            inputs: dict[str, list] = {}
+            kinds: dict[str, str] = {}
+            for name, m in self.modalities.items():
+                refs = rec.get(name) or []
+                for ref in refs:
+                    tensor, kind = m.load_features(ref, rec.get("root"))
+                    if kinds.setdefault(name, kind) != kind:
+                        raise ValueError(f"{rec['where']}: mixed input kinds for {name}")
+                    inputs.setdefault(name, []).append(tensor)
+            return {"id": rec["id"], "where": rec.get("where", rec["id"]), "messages": to_messages(rec),
+                    "inputs": inputs, "kinds": kinds, "type": rec.get("type", "chat"),
+                    "reference": rec.get("reference")}
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            if not self.skip_bad:
+                raise
+            log.warning("skipping sample %s: %s", rec.get("where", rec.get("id")), e)
+            return {"skipped": rec.get("where", rec.get("id")), "error": str(e).splitlines()[0]}

@@ -1,0 +1,48 @@
+"""Run-level bookkeeping every run writes into metrics.json."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+
+
+class RunStats(L.Callback):
+    """First/last training loss, steps, samples/s and parameter counts."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.samples = 0
+        self.t0 = 0.0
+        self.seconds = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self.losses.append(float(loss.detach()))
+        self.samples += len(batch["input_ids"]) if isinstance(batch, dict) and "input_ids" in batch else (
+            len(batch[0]) if isinstance(batch, (list, tuple)) else 0)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seconds = time.perf_counter() - self.t0
+
+    def summary(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
+        params = list(module.named_parameters())
+        k = max(1, min(10, len(self.losses) // 5))
+        return {
+            "steps": int(trainer.global_step),
+            "first_loss": self.losses[0] if self.losses else None,
+            "last_loss": self.losses[-1] if self.losses else None,
+            "first_loss_avg": sum(self.losses[:k]) / k if self.losses else None,
+            "last_loss_avg": sum(self.losses[-k:]) / k if self.losses else None,
+            "train_seconds": round(self.seconds, 2),
+            "samples_per_second": round(self.samples / self.seconds, 3) if self.seconds else None,
+            "seconds_per_step": round(self.seconds / max(1, trainer.global_step), 3) if self.seconds else None,
+            "trainable_params": sum(p.numel() for _, p in params if p.requires_grad),
+            "total_params": sum(p.numel() for _, p in params),
+        }

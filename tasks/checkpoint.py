@@ -1,0 +1,87 @@
+"""Checkpoints hold only what trains, plus provenance, so stages hand off in megabytes.
+
+Each checkpoint carries ``ckpt["mmlm"] = {stage, llm, modalities, parent}``; ``parent`` is the
+checkpoint it was initialised from. Loading walks that chain, so an instruct run gets the
+forecaster (forecast stage), the adaptor (align) and its own LoRA, each from where it trained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+META_KEY = "mmlm"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory (-> checkpoints/last.ckpt) or a .ckpt file."""
+    p = Path(path)
+    if p.is_dir():
+        for cand in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
+            if cand.exists():
+                return cand.resolve()
+        raise ValueError(f"init_from={path}: no checkpoints/last.ckpt in that run directory")
+    if not p.exists():
+        raise ValueError(f"init_from={path}: no such checkpoint file or run directory")
+    return p.resolve()
+
+
+def read_checkpoint(path: Path) -> dict:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if META_KEY not in ckpt:
+        raise ValueError(f"{path}: not an mmlm checkpoint (no '{META_KEY}' metadata)")
+    return ckpt
+
+
+class TrainableOnlyCheckpoint(L.Callback):
+    """Strips frozen weights from every saved checkpoint and stamps provenance metadata."""
+
+    def __init__(self, meta: dict[str, Any]):
+        self.meta = dict(meta)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        keep = {n for n, p in pl_module.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint[META_KEY] = dict(self.meta, trainable=sorted(keep))
+
+
+def load_chain(model: nn.Module, path: str | Path, llm_name: str | None, modality_names: list[str],
+               prefix_for_stage: dict[str, str] | None = None) -> list[Path]:
+    """Load ``path``'s weights (and its parents', oldest first) into ``model``; returns the chain.
+
+    ``prefix_for_stage`` maps a stage to the key prefix its weights need here (the forecast stage
+    trained a modality alone, so its keys gain ``modalities.<name>.``). Raises on an LLM or
+    modality mismatch, and on any key the model does not have.
+    """
+    chain: list[tuple[Path, dict]] = []
+    p: Path | None = resolve_checkpoint(path)
+    while p is not None:
+        ckpt = read_checkpoint(p)
+        chain.append((p, ckpt))
+        parent = ckpt[META_KEY].get("parent")
+        if parent and not Path(parent).exists():
+            raise ValueError(f"{p}: its parent checkpoint {parent} is missing")
+        p = Path(parent) if parent else None
+    own = dict(model.named_parameters())
+    for p, ckpt in reversed(chain):
+        meta = ckpt[META_KEY]
+        if meta.get("llm") and llm_name and meta["llm"] != llm_name:
+            raise ValueError(f"{p}: trained with llm={meta['llm']}, but this run uses llm={llm_name}")
+        missing_mod = [m for m in meta.get("modalities", []) if m not in modality_names]
+        if missing_mod:
+            raise ValueError(f"{p}: trained with modality {missing_mod}, but this run has {modality_names}")
+        prefix = (prefix_for_stage or {}).get(meta.get("stage", ""), "")
+        state = {prefix + k: v for k, v in ckpt["state_dict"].items()}
+        unknown = [k for k in state if k not in own]
+        if unknown:
+            raise ValueError(f"{p}: {len(unknown)} weight(s) this model lacks, e.g. {unknown[0]}")
+        with torch.no_grad():
+            for k, v in state.items():
+                if own[k].shape != v.shape:
+                    raise ValueError(f"{p}: {k} has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}")
+                own[k].copy_(v)
+    return [p for p, _ in chain]

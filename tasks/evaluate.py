@@ -1,0 +1,114 @@
+"""Evaluation: greedy generation over any record file, WER for transcripts, accuracy per question type."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+WER_TYPES = {"asr", "transcribe", "repeat"}
+_NUM_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty".split())}
+
+
+def normalize(text: str) -> list[str]:
+    """Lowercase words without punctuation; number words up to twenty become digits."""
+    words = re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
+    return [_NUM_WORDS.get(w.strip("'"), w.strip("'")) for w in words if w.strip("'")]
+
+
+def edit_distance(ref: list[str], hyp: list[str]) -> int:
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1]
+
+
+def wer(refs: Iterable[str], hyps: Iterable[str]) -> float:
+    """Corpus WER: total word edits / total reference words (can exceed 1)."""
+    errors = words = 0
+    for r, h in zip(refs, hyps):
+        rw = normalize(r)
+        errors += edit_distance(rw, normalize(h))
+        words += len(rw)
+    return errors / max(1, words)
+
+
+def answer_correct(reference: str, prediction: str) -> bool:
+    """The reference's words appear, in order and contiguous, in the prediction."""
+    ref, hyp = normalize(reference), normalize(prediction)
+    if not ref:
+        return not hyp
+    return any(hyp[i:i + len(ref)] == ref for i in range(len(hyp) - len(ref) + 1))
+
+
+def score(types: list[str], refs: list[str], preds: list[str]) -> dict[str, float]:
+    """WER over transcript-type samples; accuracy per other question type and overall."""
+    by_type: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for t, r, p in zip(types, refs, preds):
+        by_type[t].append((r, p))
+    out: dict[str, float] = {}
+    wer_pairs = [rp for t in WER_TYPES for rp in by_type.get(t, [])]
+    if wer_pairs:
+        out["wer"] = round(wer([r for r, _ in wer_pairs], [p for _, p in wer_pairs]), 4)
+    acc_total = acc_n = 0
+    for t, pairs in sorted(by_type.items()):
+        if t in WER_TYPES:
+            continue
+        hits = sum(answer_correct(r, p) for r, p in pairs)
+        out[f"accuracy/{t}"] = round(hits / len(pairs), 4)
+        acc_total += hits
+        acc_n += len(pairs)
+    if acc_n:
+        out["accuracy"] = round(acc_total / acc_n, 4)
+    out["eval_samples"] = len(refs)
+    return out
+
+
+@torch.no_grad()
+def run_generation(model, loader, max_new_tokens: int, predictions_path: Path | None = None,
+                   desc: str = "evaluate") -> dict[str, float]:
+    """Generate for every batch of ``loader`` (collator in generate mode); score and save predictions."""
+    was_training = model.training
+    model.eval()
+    types, refs, preds, rows, skipped = [], [], [], [], []
+    for batch in tqdm(loader, desc=desc, leave=False):
+        skipped += batch["skipped"]
+        if batch["input_ids"].shape[0] == 0:
+            continue
+        batch = _to_device(batch, model.device)
+        outs = model.generate(batch, max_new_tokens=max_new_tokens)
+        for i, (t, r, p) in enumerate(zip(batch["types"], batch["references"], outs)):
+            types.append(t)
+            refs.append(r or "")
+            preds.append(p)
+            rows.append({"id": batch["ids"][i], "type": t, "reference": r, "prediction": p})
+    model.train(was_training)
+    metrics = score(types, refs, preds)
+    metrics["eval_skipped"] = len(skipped)
+    if predictions_path is not None:
+        predictions_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(predictions_path, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    return metrics
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    def move(x):
+        if isinstance(x, torch.Tensor):
+            return x.to(device)
+        if isinstance(x, dict):
+            return {k: move(v) for k, v in x.items()}
+        return x
+
+    return move(batch)

@@ -1,0 +1,146 @@
+"""MultimodalLM: one LLM composed with any set of modality plugins, keyed by name."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from data.collate import IGNORE
+from llm.lora import LoraSpec, apply_lora, backbone_and_head
+from tasks.merge import merge_embeddings, valid_rows
+from tasks.stages import StagePolicy, apply_stage
+
+
+@dataclass
+class OptimSpec:
+    lr: float = 1e-3
+    lora_lr: float | None = None      # defaults to lr
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1          # cosine floor as a fraction of lr
+    betas: tuple[float, float] = (0.9, 0.98)
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"bad optim settings: {self}")
+
+
+class MultimodalLM(L.LightningModule):
+    """Interleaves modality embeddings with text embeddings and trains what the stage allows."""
+
+    def __init__(self, llm: nn.Module, tokenizer: Any, modalities: dict[str, nn.Module],
+                 placeholder_ids: dict[str, int], stage: StagePolicy, lora: LoraSpec | None = None,
+                 optim: OptimSpec | None = None, aux_weight: float = 0.0, llm_name: str = "llm"):
+        super().__init__()
+        self.save_hyperparameters({"stage": asdict(stage), "lora": asdict(lora) if lora else None,
+                                   "optim": asdict(optim or OptimSpec()), "aux_weight": aux_weight,
+                                   "llm_name": llm_name, "placeholder_ids": dict(placeholder_ids)})
+        if stage.lora:
+            if lora is None:
+                raise ValueError(f"stage={stage.name} trains LoRA but no lora spec was given")
+            llm = apply_lora(llm, lora)
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.modalities = nn.ModuleDict(modalities)
+        self.placeholder_ids = dict(placeholder_ids)
+        self.stage = stage
+        self.optim = optim or OptimSpec()
+        self.aux_weight = aux_weight
+        self.llm_name = llm_name
+        apply_stage(self.llm, self.modalities, stage)
+        self.strict_loading = False  # checkpoints hold only what trains
+        self.skipped: list[tuple[str, str]] = []
+
+    # ---------------------------------------------------------------- forward
+    def embed(self, batch: dict) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
+        """Text embeddings with every modality's adaptor output scattered into its placeholders."""
+        input_ids = batch["input_ids"]
+        embeds = self.llm.get_input_embeddings()(input_ids)  # [B, L, D]
+        outs = {}
+        for name, entry in batch["modal"].items():
+            m = self.modalities[name]
+            if entry["kind"] == "hidden":
+                out, lengths = m.adapt(entry["values"], entry["mask"].sum(1))
+            else:
+                out, lengths = m.encode(entry["values"], entry["mask"])
+            outs[name] = (out, lengths)
+            embeds = merge_embeddings(embeds, input_ids == self.placeholder_ids[name], valid_rows(out, lengths))
+        return embeds, outs
+
+    def lm_loss(self, embeds: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        """Next-token CE, with the LM head run only where there are labels (the head is ~20% of compute)."""
+        backbone, head = backbone_and_head(self.llm)
+        hidden = backbone(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        targets = labels[:, 1:]                    # [B, L-1]
+        keep = targets != IGNORE
+        logits = head(hidden[:, :-1][keep]).float()  # [n_labels, V]
+        return F.cross_entropy(logits, targets[keep])
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        embeds, outs = self.embed(batch)
+        loss = self.lm_loss(embeds, batch["attention_mask"], batch["labels"])
+        result = {"lm_loss": loss, "loss": loss}
+        if self.aux_weight > 0:
+            for name, (out, lengths) in outs.items():
+                aux = self.modalities[name].aux_loss(out, lengths, batch)
+                if aux is not None:
+                    result[f"aux_{name}"] = aux
+                    result["loss"] = result["loss"] + self.aux_weight * aux
+        return result
+
+    def _step(self, batch: dict, split: str) -> Tensor:
+        if batch["skipped"]:
+            self.skipped.extend(batch["skipped"])
+        B = batch["input_ids"].shape[0]
+        if B == 0:
+            return None
+        result = self(batch)
+        for k, v in result.items():
+            self.log(f"{split}/{k}", v, prog_bar=(k == "loss"), batch_size=B, sync_dist=split != "train")
+        return result["loss"]
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._step(batch, "val")
+
+    # ---------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, batch: dict, max_new_tokens: int = 64, **kwargs: Any) -> list[str]:
+        """Greedy decoding from a left-padded prompt batch (collator with generate=True)."""
+        embeds, _ = self.embed(batch)
+        tok = self.tokenizer
+        stop = [i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
+                if isinstance(i, int) and i >= 0 and i != tok.unk_token_id]
+        out = self.llm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                pad_token_id=tok.pad_token_id, eos_token_id=stop, use_cache=True, **kwargs)
+        return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        lora = [p for n, p in self.named_parameters() if p.requires_grad and "lora_" in n]
+        rest = [p for n, p in self.named_parameters() if p.requires_grad and "lora_" not in n]
+        groups = [g for g in ({"params": rest, "lr": self.optim.lr},
+                              {"params": lora, "lr": self.optim.lora_lr or self.optim.lr}) if g["params"]]
+        if not groups:
+            raise ValueError(f"stage={self.stage.name}: nothing to train")
+        opt = torch.optim.AdamW(groups, weight_decay=self.optim.weight_decay, betas=self.optim.betas)
+        total = max(1, int(self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 1000))
+        warm, floor = self.optim.warmup_steps, self.optim.min_lr_ratio
+
+        def schedule(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

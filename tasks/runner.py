@@ -1,0 +1,149 @@
+"""``run(cfg)``: the one place that instantiates objects from the Hydra config and runs a stage."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from llm.lora import LoraSpec
+from llm.tokens import add_placeholder_tokens
+from tasks.callbacks import RunStats
+from tasks.checkpoint import META_KEY, TrainableOnlyCheckpoint, load_chain, read_checkpoint, resolve_checkpoint
+from tasks.evaluate import run_generation
+from tasks.multimodal import MultimodalLM, OptimSpec
+from tasks.stages import StagePolicy
+
+log = logging.getLogger(__name__)
+
+
+class UsageError(ValueError):
+    """A run that cannot start as configured; train.py prints it as one line."""
+
+
+def instantiate_accepting(node: DictConfig, **runtime: Any) -> Any:
+    """Instantiate ``node`` passing only the runtime kwargs its target accepts."""
+    target = _locate(node["_target_"])
+    params = inspect.signature(target).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        runtime = {k: v for k, v in runtime.items() if k in params}
+    return instantiate(node, **runtime)
+
+
+def _locate(path: str) -> Any:
+    from hydra.utils import get_object
+
+    return get_object(path)
+
+
+def stage_policy(cfg: DictConfig) -> StagePolicy:
+    fields = inspect.signature(StagePolicy).parameters
+    return StagePolicy(**{k: v for k, v in cfg.stage.items() if k in fields})
+
+
+def build_trainer(cfg: DictConfig, out: Path, callbacks: list[L.Callback]) -> L.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step}", save_last=True,
+                           save_top_k=0, every_n_train_steps=cfg.get("checkpoint_every") or None)
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    return instantiate(cfg.trainer, callbacks=[ckpt, RichProgressBar(leave=True), *callbacks],
+                       logger=logger, default_root_dir=str(out))
+
+
+def _prerequisite(cfg: DictConfig, policy: StagePolicy, modality: Any) -> list[dict]:
+    """Metadata of the init_from chain (newest first), after checking the stage may start."""
+    needs = policy.requires
+    if policy.name == "align" and getattr(modality, "requires_pretrained_encoder", False):
+        needs = "forecast"
+    if not cfg.get("init_from"):
+        if needs and not cfg.get("allow_no_init"):
+            raise UsageError(f"stage={policy.name} modality={modality.name} needs init_from=<a {needs} run dir "
+                             f"or .ckpt> (run `python train.py stage={needs} modality={modality.name}` first; "
+                             f"allow_no_init=true starts from scratch anyway)")
+        return []
+    metas, p = [], resolve_checkpoint(cfg.init_from)
+    while p is not None:
+        meta = read_checkpoint(p)[META_KEY]
+        metas.append(meta)
+        p = Path(meta["parent"]) if meta.get("parent") else None
+    stages = [m["stage"] for m in metas]
+    if needs and needs not in stages and policy.name not in stages and needs != "any":
+        raise UsageError(f"init_from={cfg.init_from} holds stages {stages}; stage={policy.name} needs a {needs} run")
+    return metas
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one stage as configured; returns (and writes to <output_dir>/metrics.json) its metrics."""
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+    policy = stage_policy(cfg)
+    if policy.name == "forecast":
+        from tasks.forecast import run_forecast
+
+        return _write_metrics(out, run_forecast(cfg, out, instantiate_accepting, build_trainer))
+
+    lm = instantiate(cfg.llm.model)
+    modality = instantiate_accepting(cfg.modality, d_llm=lm.hidden_size, target_rms=lm.embedding_rms)
+    modalities = {modality.name: modality}
+    metas = _prerequisite(cfg, policy, modality)
+    lora_meta = next((m["lora"] for m in metas if m.get("lora")), None)
+    lora = LoraSpec(**(lora_meta or OmegaConf.to_container(cfg.llm.lora)))
+    if policy.name == "evaluate":  # evaluate what the chain trained, nothing more
+        policy = StagePolicy("evaluate", encoder=False, adaptor=False, lora=bool(lora_meta))
+    placeholder_ids = add_placeholder_tokens(lm.tokenizer, lm.model, [m.placeholder for m in modalities.values()])
+    optim = OptimSpec(**OmegaConf.to_container(cfg.stage.optim)) if "optim" in cfg.stage else OptimSpec()
+    model = MultimodalLM(lm.model, lm.tokenizer, modalities, {k: placeholder_ids[m.placeholder] for k, m in modalities.items()},
+                         policy, lora=lora, optim=optim, aux_weight=cfg.stage.get("aux_weight", 0.0), llm_name=lm.name)
+    chain: list[Path] = []
+    if cfg.get("init_from"):
+        chain = load_chain(model, cfg.init_from, lm.name, list(modalities),
+                           prefix_for_stage={"forecast": f"modalities.{modality.name}."})
+    dm = instantiate(cfg.data, tokenizer=lm.tokenizer, modalities=modalities, placeholder_ids=model.placeholder_ids)
+    dm.prepare_data()
+    metrics: dict[str, Any] = {"stage": policy.name, "modality": modality.name, "llm": lm.name,
+                               "init_from": [str(p) for p in chain]}
+    ev = cfg.get("eval", {})
+    eval_loader = dm.eval_dataloader()
+    if policy.name == "evaluate":
+        if eval_loader is None:
+            raise UsageError("stage=evaluate needs data.eval_manifest=<records file>")
+        metrics.update(run_generation(model, eval_loader, ev.get("max_new_tokens", 64), out / "predictions.jsonl"))
+        return _write_metrics(out, metrics)
+    if eval_loader is not None and ev.get("before", False):
+        before = run_generation(model, eval_loader, ev.get("max_new_tokens", 64), out / "predictions_before.jsonl",
+                                desc="evaluate (before)")
+        metrics.update({f"before/{k}": v for k, v in before.items()})
+        log.info("before training: %s", before)
+    stats = RunStats()
+    meta = {"stage": policy.name, "llm": lm.name, "modalities": list(modalities),
+            "parent": str(chain[0]) if chain else None, "lora": OmegaConf.to_container(cfg.llm.lora) if policy.lora else None}
+    trainer = build_trainer(cfg, out, [stats, TrainableOnlyCheckpoint(meta)])
+    trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("resume"))
+    metrics.update(stats.summary(trainer, model))
+    metrics["skipped_samples"] = len(model.skipped)
+    if model.skipped:
+        metrics["skipped"] = model.skipped[:100]
+    last = out / "checkpoints" / "last.ckpt"
+    if last.exists():
+        metrics["checkpoint_mb"] = round(last.stat().st_size / 2**20, 3)
+        metrics["llm_mb"] = round(sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20, 1)
+    if eval_loader is not None and trainer.is_global_zero:
+        metrics.update(run_generation(model, eval_loader, ev.get("max_new_tokens", 64), out / "predictions.jsonl"))
+    return _write_metrics(out, metrics)
+
+
+def _write_metrics(out: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    shown = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+    print("metrics:", json.dumps(shown, default=str))
+    return metrics

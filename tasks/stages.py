@@ -1,0 +1,35 @@
+"""Each stage fixes its trainable set ONCE, here. A test checks the result by parameter name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class StagePolicy:
+    name: str
+    encoder: bool = False      # modality encoders train
+    adaptor: bool = True       # modality adaptors train
+    lora: bool = False         # LoRA on the LLM trains
+    requires: str | None = None  # the stage whose checkpoint init_from must point at
+
+    def __post_init__(self) -> None:
+        if self.name not in STAGE_NAMES:
+            raise ValueError(f"stage={self.name!r}: expected one of {STAGE_NAMES}")
+
+
+STAGE_NAMES = ("forecast", "align", "instruct", "evaluate")
+
+
+def apply_stage(llm: nn.Module, modalities: nn.ModuleDict, policy: StagePolicy) -> None:
+    """Freeze everything but what ``policy`` trains. LoRA layers must already wrap ``llm``."""
+    for name, p in llm.named_parameters():
+        p.requires_grad_(policy.lora and "lora_" in name)
+    for m in modalities.values():
+        m.set_trainable(encoder=policy.encoder, adaptor=policy.adaptor)
+
+
+def trainable_names(module: nn.Module) -> list[str]:
+    return [n for n, p in module.named_parameters() if p.requires_grad]

@@ -1,0 +1,31 @@
+"""Build a tiny MultimodalLM around the toy modality for unit tests."""
+
+from __future__ import annotations
+
+from data.collate import ConversationCollator
+from data.dataset import ConversationDataset
+from llm.lora import LoraSpec
+from llm.tokens import add_placeholder_tokens
+from tasks.multimodal import MultimodalLM, OptimSpec
+from tasks.stages import StagePolicy
+
+STAGES = {"align": StagePolicy("align"), "instruct": StagePolicy("instruct", lora=True, requires="align")}
+
+
+def toy_records(n: int = 8) -> list[dict]:
+    return [{"id": f"r{i}", "where": f"toy.jsonl:{i + 1}", "root": None, "toy": [str(3 + i % 5)],
+             "conversations": [{"from": "human", "value": "<toy>\nWhat is it?"},
+                               {"from": "gpt", "value": f"It is number {3 + i % 5}."}]} for i in range(n)]
+
+
+def build(lm, modality, stage: str = "align", lr: float = 1e-2) -> MultimodalLM:
+    ids = add_placeholder_tokens(lm.tokenizer, lm.model, [modality.placeholder])
+    return MultimodalLM(lm.model, lm.tokenizer, {modality.name: modality}, {modality.name: ids[modality.placeholder]},
+                        STAGES[stage], lora=LoraSpec(r=4, alpha=8, dropout=0.0), optim=OptimSpec(lr=lr, warmup_steps=0),
+                        llm_name=lm.name)
+
+
+def batch_for(model: MultimodalLM, records: list[dict], generate: bool = False) -> dict:
+    ds = ConversationDataset(records, dict(model.modalities))
+    col = ConversationCollator(model.tokenizer, dict(model.modalities), model.placeholder_ids, generate=generate)
+    return col([ds[i] for i in range(len(ds))])

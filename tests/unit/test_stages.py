@@ -1,0 +1,54 @@
+import torch
+
+from tasks.stages import trainable_names
+from tests.unit.helpers import batch_for, build, toy_records
+
+
+def test_align_trains_only_the_adaptor(tiny_lm, toy_modality):
+    model = build(tiny_lm, toy_modality, "align")
+    names = trainable_names(model)
+    assert names and all(n.startswith("modalities.toy.adaptor.") for n in names)
+
+
+def test_instruct_trains_adaptor_and_llm_lora_only(tiny_lm, toy_modality):
+    model = build(tiny_lm, toy_modality, "instruct")
+    names = trainable_names(model)
+    adaptor = [n for n in names if n.startswith("modalities.toy.adaptor.")]
+    lora = [n for n in names if n.startswith("llm.") and "lora_" in n]
+    assert adaptor and lora and len(adaptor) + len(lora) == len(names)
+    assert not any("encoder" in n for n in names)
+    # LoRA is scoped to the LLM: no LoRA layer inside any modality
+    assert not any("lora_" in n for n, _ in model.modalities.named_parameters())
+
+
+def test_frozen_weights_bitwise_unchanged_after_steps(tiny_lm, toy_modality):
+    model = build(tiny_lm, toy_modality, "instruct")
+    model.optim.lr = 1e-1
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    train0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    batch = batch_for(model, toy_records(4))
+    model.trainer = None
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-1)
+    for _ in range(2):
+        model(batch)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    changed = [n for n, p in model.named_parameters() if n in train0 and not torch.equal(p, train0[n])]
+    assert any("adaptor" in n for n in changed) and any("lora_B" in n for n in changed)
+
+
+def test_loss_equals_full_logits_cross_entropy(tiny_lm, toy_modality):
+    """The head runs only where labels exist; the loss must equal HF's full-logits CE."""
+    model = build(tiny_lm, toy_modality, "align")
+    batch = batch_for(model, toy_records(3))
+    with torch.no_grad():
+        ours = model(batch)["loss"]
+        embeds, _ = model.embed(batch)
+        logits = model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+        ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert (batch["labels"] != -100).sum() < batch["attention_mask"].sum() / 2  # prompt + placeholders unlabeled
