@@ -4,7 +4,7 @@ PIP ?= $(PY) -m pip
 OUT ?= outputs/demo
 DEMO_ALIGN_STEPS ?= 120
 DEMO_INSTRUCT_STEPS ?= 60
-APT_PACKAGES = espeak-ng sox libsndfile1 fortunes-min
+APT_PACKAGES = espeak-ng sox libsndfile1 fortunes fortunes-min
 export PYTHONUNBUFFERED=1
 
 .PHONY: install apt pip data demo test test-fast bench clean
@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED=1
 install: apt pip
 
 apt:
-	@if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null || ! [ -d /usr/share/games/fortunes ]; then \
+	@if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null || ! [ -f /usr/share/games/fortunes/wisdom ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
 	fi

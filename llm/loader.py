@@ -132,4 +132,4 @@ def load_llm(name: str = "smollm2-135m-instruct", dtype: str = "float32", quant:
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    return LanguageModel(model=model, tokenizer=tokenizer, name=name)
+    return LanguageModel(model=model, tokenizer=tokenizer, name=f"{name}:tiny" if tiny is not None else name)

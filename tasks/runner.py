@@ -52,7 +52,8 @@ def build_trainer(cfg: DictConfig, out: Path, callbacks: list[L.Callback]) -> L.
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step}", save_last=True,
-                           save_top_k=0, every_n_train_steps=cfg.get("checkpoint_every") or None)
+                           save_top_k=0, every_n_train_steps=cfg.get("checkpoint_every") or None,
+                           enable_version_counter=False)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     return instantiate(cfg.trainer, callbacks=[ckpt, RichProgressBar(leave=True), *callbacks],
                        logger=logger, default_root_dir=str(out))
