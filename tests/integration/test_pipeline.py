@@ -1,0 +1,116 @@
+"""align -> instruct -> evaluate through the real Hydra config and runner, shrunk to tiny models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+
+from tasks.runner import run
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["llm=tiny", "modality.tiny=true", "data.batch_size=4", "eval.max_new_tokens=6",
+        "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.enable_model_summary=false"]
+
+
+def cfg_for(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def runs(speech_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    c = speech_corpus
+    align = run(cfg_for(TINY + ["stage=align", "trainer.max_steps=4", f"paths.output_dir={out}/align",
+                                f"data.train_files={c}/train.jsonl", f"data.val_files={c}/val.jsonl",
+                                f"data.eval_files={c}/eval.jsonl"]))
+    instruct = run(cfg_for(TINY + ["stage=instruct", "trainer.max_steps=3", f"paths.output_dir={out}/instruct",
+                                   f"init_from={out}/align", f"data.train_files={c}/instruct_train.json",
+                                   f"data.eval_files={c}/instruct_eval.json", "eval.before=false"]))
+    return out, align, instruct
+
+
+def test_metrics_json_contract(runs):
+    out, align, instruct = runs
+    for stage in ("align", "instruct"):
+        m = json.loads((out / stage / "metrics.json").read_text())
+        for key in ("first_loss", "last_loss", "steps", "trainable_params", "total_params", "samples_per_second"):
+            assert m[key] is not None, (stage, key)
+        assert (out / stage / "checkpoints" / "last.ckpt").exists()
+    assert align["steps"] == 4 and "wer" in align and "before/wer" in align
+    assert instruct["steps"] == 3 and "accuracy" in instruct
+    assert instruct["trainable_params"] > align["trainable_params"]  # + LoRA
+
+
+def test_checkpoint_holds_only_what_trains(runs):
+    out, align, instruct = runs
+    ckpt = torch.load(out / "align" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["state_dict"] and all(k.startswith("modalities.speech.adaptor.") for k in ckpt["state_dict"])
+    ckpt = torch.load(out / "instruct" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(k.startswith("modalities.speech.adaptor.") or "lora_" in k for k in ckpt["state_dict"])
+    assert ckpt["mmlm"]["parent"].endswith("align/checkpoints/last.ckpt")
+    assert instruct["checkpoint_mb"] < 0.5 * instruct["llm_mb"]
+
+
+def test_align_to_instruct_handoff_restores_adaptor_exactly(runs, speech_corpus):
+    out, _, _ = runs
+    align_sd = torch.load(out / "align" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    from hydra.utils import instantiate
+
+    from llm.lora import LoraSpec
+    from llm.tokens import add_placeholder_tokens
+    from tasks.checkpoint import load_chain
+    from tasks.multimodal import MultimodalLM
+    from tasks.stages import StagePolicy
+
+    cfg = cfg_for(TINY + ["stage=instruct", "paths.output_dir=/tmp/unused"])
+    lm = instantiate(cfg.llm.model)
+    sp = instantiate(cfg.modality, d_llm=lm.hidden_size, target_rms=lm.embedding_rms)
+    ids = add_placeholder_tokens(lm.tokenizer, lm.model, ["<speech>"])
+    model = MultimodalLM(lm.model, lm.tokenizer, {"speech": sp}, {"speech": ids["<speech>"]},
+                         StagePolicy("instruct", lora=True), lora=LoraSpec(r=4, alpha=8), llm_name=lm.name)
+    before = {k: v.clone() for k, v in model.state_dict().items() if k in align_sd}
+    assert any(not torch.equal(before[k], v) for k, v in align_sd.items())  # fresh init differs
+    load_chain(model, out / "align", lm.name, ["speech"])
+    now = model.state_dict()
+    for k, v in align_sd.items():
+        assert torch.equal(now[k], v), k
+
+
+def test_evaluate_any_manifest_writes_predictions(runs, speech_corpus, tmp_path):
+    out, _, _ = runs
+    m = run(cfg_for(TINY + ["stage=evaluate", f"init_from={out}/instruct", f"paths.output_dir={tmp_path}",
+                            f"data.eval_manifest={speech_corpus}/eval.jsonl"]))
+    assert "wer" in m and m["eval_samples"] > 0
+    rows = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == m["eval_samples"] and {"id", "reference", "prediction"} <= set(rows[0])
+
+
+def _train(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args, f"paths.output_dir={tmp_path}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_instruct_without_align_exits_with_one_line(tmp_path):
+    p = _train(["stage=instruct", "modality=speech", "llm=tiny", "modality.tiny=true"], tmp_path)
+    assert p.returncode != 0
+    err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "needs init_from=" in err[0] and "stage=align" in err[0]
+
+
+def test_init_from_wrong_llm_is_refused(runs, tmp_path):
+    out, _, _ = runs
+    p = _train(["stage=instruct", "modality=speech", "modality.tiny=true", f"init_from={out}/align"], tmp_path)
+    assert p.returncode != 0 and "trained with llm=smollm2-135m-instruct:tiny" in p.stderr.splitlines()[-1]
+    p = _train(["stage=instruct", "modality=speech", "modality.tiny=true", f"init_from={out}/align", "llm=tiny",
+                "llm.model.tiny.hidden_size=32"], tmp_path)
+    assert p.returncode != 0 and "has shape" in p.stderr.splitlines()[-1]
