@@ -154,6 +154,32 @@ def write_records(records: list[dict], path: str | Path) -> Path:
     return path
 
 
+RECORD_FILES = tuple(f"stock_{k}_{s}.jsonl" for k in ("align", "instruct") for s in ("train", "val", "test"))
+
+
+def prepare_records(
+    out: str | Path,
+    source: str = "packaged",
+    context: int = 256,
+    horizon: int = 20,
+    n_align: int = 2000,
+    n_instruct: int = 1000,
+    eval_frac: float = 0.1,
+    seed: int = 0,
+) -> list[Path]:
+    """Write :data:`RECORD_FILES` into ``out``: align/instruct records for each split.
+
+    val/test get ``eval_frac`` as many records as train; every file draws from its own split.
+    """
+    paths = []
+    for kind, n in (("align", n_align), ("instruct", n_instruct)):
+        for split in ("train", "val", "test"):
+            count = n if split == "train" else max(1, int(n * eval_frac))
+            recs = build_records(source, context, horizon, split, kind, count, seed=seed)
+            paths.append(write_records(recs, Path(out) / f"stock_{kind}_{split}.jsonl"))
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI: ``python -m data.stock_text --out DIR`` writes align/instruct train/val/test records."""
     import argparse
@@ -167,10 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-instruct", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    for kind, n in (("align", a.n_align), ("instruct", a.n_instruct)):
-        for split, frac in (("train", 1.0), ("val", 0.1), ("test", 0.1)):
-            recs = build_records(a.source, a.context, a.horizon, split, kind, max(1, int(n * frac)), seed=a.seed)
-            print(write_records(recs, Path(a.out) / f"stock_{kind}_{split}.jsonl"), len(recs))
+    for p in prepare_records(a.out, a.source, a.context, a.horizon, a.n_align, a.n_instruct, seed=a.seed):
+        print(p)
 
 
 if __name__ == "__main__":

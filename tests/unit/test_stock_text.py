@@ -11,8 +11,10 @@ import pytest
 from data.stock_csv import load_packaged, split_bounds
 from data.stock_signals import compute_signals
 from data.stock_text import (
+    RECORD_FILES,
     build_records,
     describe,
+    prepare_records,
     question_answers,
     trend_words,
     write_records,
@@ -55,3 +57,11 @@ def test_records_refs_load_and_stay_in_split(tmp_path):
     assert align[0]["conversations"][1]["value"] == describe(compute_signals(m.load(align[0]["stock"][0])), 64, None)
     with pytest.raises(ValueError, match="kind must be"):
         build_records(kind="chat")
+
+
+def test_prepare_records_writes_every_split(tmp_path):
+    paths = prepare_records(tmp_path, context=64, horizon=5, n_align=3, n_instruct=2, eval_frac=0.5)
+    assert sorted(p.name for p in paths) == sorted(RECORD_FILES)
+    counts = {p.name: len(p.read_text().splitlines()) for p in paths}
+    assert counts["stock_align_train.jsonl"] == 3 and counts["stock_align_test.jsonl"] == 1
+    assert all("-test-" in json.loads(line)["id"] for line in (tmp_path / "stock_instruct_test.jsonl").read_text().splitlines())
