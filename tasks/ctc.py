@@ -1,0 +1,44 @@
+"""Auxiliary CTC loss that pulls adaptor outputs towards the LLM's own token embeddings.
+
+For transcript samples, each adaptor position is classified over the LLM vocabulary by cosine
+similarity with the (frozen) input-embedding table; the placeholder row serves as the CTC blank.
+This gives the adaptor a dense, per-position signal that the LM loss alone lacks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def embedding_ctc_loss(out: Tensor, lengths: Tensor, sample_index: Tensor, targets: list[list[int] | None],
+                       embedding_weight: Tensor, blank_id: int, scale: float = 30.0) -> Tensor | None:
+    """out [n, N, D] adaptor output, lengths [n], sample_index [n] (clip -> sample), targets per sample."""
+    clips_per_sample = torch.bincount(sample_index, minlength=len(targets))
+    rows = [k for k in range(out.shape[0])
+            if targets[int(sample_index[k])] and clips_per_sample[int(sample_index[k])] == 1]
+    if not rows:
+        return None
+    tgt = [targets[int(sample_index[k])] for k in rows]
+    o = F.normalize(out[rows].float(), dim=-1)                       # [r, N, D]
+    table = F.normalize(embedding_weight.detach().float(), dim=-1)   # [V, D]
+    logp = (o @ table.T * scale).log_softmax(-1)                     # [r, N, V]
+    flat = torch.tensor([t for seq in tgt for t in seq], device=out.device)
+    tgt_len = torch.tensor([len(seq) for seq in tgt], device=out.device)
+    return F.ctc_loss(logp.transpose(0, 1), flat, lengths[rows], tgt_len, blank=blank_id,
+                      reduction="mean", zero_infinity=True)
+
+
+def greedy_ctc_decode(out: Tensor, lengths: Tensor, embedding_weight: Tensor, blank_id: int) -> list[list[int]]:
+    """Collapse repeats and drop blanks: a cheap readout of what the adaptor 'says' per position."""
+    ids = (F.normalize(out.float(), dim=-1) @ F.normalize(embedding_weight.float(), dim=-1).T).argmax(-1)
+    seqs = []
+    for row, n in zip(ids, lengths):
+        prev, seq = None, []
+        for t in row[: int(n)].tolist():
+            if t != prev and t != blank_id:
+                seq.append(t)
+            prev = t
+        seqs.append(seq)
+    return seqs
