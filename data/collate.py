@@ -128,7 +128,13 @@ class ConversationCollator:
             if len(kinds) != 1:
                 raise ValueError(f"batch mixes input kinds {sorted(kinds)} for {name}")
             values, mask = m.collate_features(tensors)
-            modal[name] = {"kind": kinds.pop(), "values": values, "mask": mask}
+            owner = [i for i, s in enumerate(samples) for _ in s["inputs"].get(name, [])]
+            modal[name] = {"kind": kinds.pop(), "values": values, "mask": mask,
+                           "sample_index": torch.tensor(owner, dtype=torch.long)}
+        # transcript token ids (for the optional CTC loss) of samples whose answer is a transcript
+        ctc_targets = [self.tokenizer.encode(" " + s["reference"].strip(), add_special_tokens=False)
+                       if s.get("type") == "asr" and s.get("reference") else None for s in samples]
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "modal": modal,
                 "ids": [s["id"] for s in samples], "types": [s.get("type", "chat") for s in samples],
-                "references": [e[2] for e in encoded], "skipped": skipped}
+                "references": [e[2] for e in encoded], "skipped": skipped,
+                "ctc_targets": ctc_targets}

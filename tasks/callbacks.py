@@ -46,3 +46,33 @@ class RunStats(L.Callback):
             "trainable_params": sum(p.numel() for _, p in params if p.requires_grad),
             "total_params": sum(p.numel() for _, p in params),
         }
+
+
+class PeriodicEval(L.Callback):
+    """Generate on a held-out loader every N steps: the learning curve (step, seconds, metrics)."""
+
+    def __init__(self, loader: Any, every_n_steps: int, max_new_tokens: int):
+        self.loader, self.every, self.max_new_tokens = loader, every_n_steps, max_new_tokens
+        self.curve: list[dict[str, Any]] = []
+        self.t0 = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every <= 0 or step % self.every or not trainer.is_global_zero:
+            return
+        if self.curve and self.curve[-1]["step"] == step:
+            return  # several micro-batches share one optimizer step under accumulation
+        from tasks.evaluate import run_generation
+
+        t = time.perf_counter()
+        metrics = run_generation(pl_module, self.loader, self.max_new_tokens, desc=f"evaluate@{step}")
+        self.t0 += time.perf_counter() - t  # the curve's clock counts training time only
+        point = {"step": step, "train_seconds": round(time.perf_counter() - self.t0, 1), **metrics}
+        self.curve.append(point)
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                pl_module.log(f"curve/{k}", float(v), rank_zero_only=True)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from data.collate import IGNORE
 from llm.lora import LoraSpec, apply_lora, backbone_and_head
+from tasks.ctc import embedding_ctc_loss
 from tasks.merge import merge_embeddings, valid_rows
 from tasks.stages import StagePolicy, apply_stage
 
@@ -36,11 +37,13 @@ class MultimodalLM(L.LightningModule):
 
     def __init__(self, llm: nn.Module, tokenizer: Any, modalities: dict[str, nn.Module],
                  placeholder_ids: dict[str, int], stage: StagePolicy, lora: LoraSpec | None = None,
-                 optim: OptimSpec | None = None, aux_weight: float = 0.0, llm_name: str = "llm"):
+                 optim: OptimSpec | None = None, aux_weight: float = 0.0, llm_name: str = "llm",
+                 ctc_weight: float = 0.0):
         super().__init__()
         self.save_hyperparameters({"stage": asdict(stage), "lora": asdict(lora) if lora else None,
                                    "optim": asdict(optim or OptimSpec()), "aux_weight": aux_weight,
-                                   "llm_name": llm_name, "placeholder_ids": dict(placeholder_ids)})
+                                   "llm_name": llm_name, "placeholder_ids": dict(placeholder_ids),
+                                   "ctc_weight": ctc_weight})
         if stage.lora:
             if lora is None:
                 raise ValueError(f"stage={stage.name} trains LoRA but no lora spec was given")
@@ -52,10 +55,21 @@ class MultimodalLM(L.LightningModule):
         self.stage = stage
         self.optim = optim or OptimSpec()
         self.aux_weight = aux_weight
+        self.ctc_weight = ctc_weight
         self.llm_name = llm_name
         apply_stage(self.llm, self.modalities, stage)
         self.strict_loading = False  # checkpoints hold only what trains
         self.skipped: list[tuple[str, str]] = []
+
+    def train(self, mode: bool = True) -> "MultimodalLM":
+        """Frozen parts stay in eval mode (no dropout); Modality.train handles frozen encoders."""
+        super().train(mode)
+        if not self.stage.lora:
+            self.llm.eval()
+        return self
+
+    def on_fit_start(self) -> None:
+        self.train()  # HF loads models in eval mode; Lightning keeps whatever mode it finds
 
     # ---------------------------------------------------------------- forward
     def embed(self, batch: dict) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
@@ -86,6 +100,14 @@ class MultimodalLM(L.LightningModule):
         embeds, outs = self.embed(batch)
         loss = self.lm_loss(embeds, batch["attention_mask"], batch["labels"])
         result = {"lm_loss": loss, "loss": loss}
+        if self.ctc_weight > 0:
+            table = self.llm.get_input_embeddings().weight
+            for name, (out, lengths) in outs.items():
+                ctc = embedding_ctc_loss(out, lengths, batch["modal"][name]["sample_index"].to(out.device),
+                                         batch["ctc_targets"], table, self.placeholder_ids[name])
+                if ctc is not None:
+                    result[f"ctc_{name}"] = ctc
+                    result["loss"] = result["loss"] + self.ctc_weight * ctc
         if self.aux_weight > 0:
             for name, (out, lengths) in outs.items():
                 aux = self.modalities[name].aux_loss(out, lengths, batch)

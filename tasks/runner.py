@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from llm.lora import LoraSpec
 from llm.tokens import add_placeholder_tokens
-from tasks.callbacks import RunStats
+from tasks.callbacks import PeriodicEval, RunStats
 from tasks.checkpoint import META_KEY, TrainableOnlyCheckpoint, load_chain, read_checkpoint, resolve_checkpoint
 from tasks.evaluate import run_generation
 from tasks.multimodal import MultimodalLM, OptimSpec
@@ -104,7 +104,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     placeholder_ids = add_placeholder_tokens(lm.tokenizer, lm.model, [m.placeholder for m in modalities.values()])
     optim = OptimSpec(**OmegaConf.to_container(cfg.stage.optim)) if "optim" in cfg.stage else OptimSpec()
     model = MultimodalLM(lm.model, lm.tokenizer, modalities, {k: placeholder_ids[m.placeholder] for k, m in modalities.items()},
-                         policy, lora=lora, optim=optim, aux_weight=cfg.stage.get("aux_weight", 0.0), llm_name=lm.name)
+                         policy, lora=lora, optim=optim, aux_weight=cfg.stage.get("aux_weight", 0.0), llm_name=lm.name,
+                         ctc_weight=cfg.stage.get("ctc_weight", 0.0))
     chain: list[Path] = []
     if cfg.get("init_from"):
         chain = load_chain(model, cfg.init_from, lm.name, list(modalities),
@@ -126,11 +127,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics.update({f"before/{k}": v for k, v in before.items()})
         log.info("before training: %s", before)
     stats = RunStats()
+    extra: list[L.Callback] = []
+    if eval_loader is not None and ev.get("every_n_steps"):
+        curve = PeriodicEval(eval_loader, int(ev.every_n_steps), ev.get("max_new_tokens", 64))
+        extra.append(curve)
     meta = {"stage": policy.name, "llm": lm.name, "modalities": list(modalities),
             "parent": str(chain[0]) if chain else None, "lora": OmegaConf.to_container(cfg.llm.lora) if policy.lora else None}
-    trainer = build_trainer(cfg, out, [stats, TrainableOnlyCheckpoint(meta)])
+    trainer = build_trainer(cfg, out, [stats, TrainableOnlyCheckpoint(meta), *extra])
     trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("resume"))
     metrics.update(stats.summary(trainer, model))
+    for cb in extra:
+        metrics["curve"] = cb.curve
     metrics["skipped_samples"] = len(model.skipped)
     if model.skipped:
         metrics["skipped"] = model.skipped[:100]
