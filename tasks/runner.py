@@ -112,6 +112,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                            prefix_for_stage={"forecast": f"modalities.{modality.name}."})
     dm = instantiate(cfg.data, tokenizer=lm.tokenizer, modalities=modalities, placeholder_ids=model.placeholder_ids)
     dm.prepare_data()
+    _precompute_caches(dm, modalities)
     metrics: dict[str, Any] = {"stage": policy.name, "modality": modality.name, "llm": lm.name,
                                "init_from": [str(p) for p in chain]}
     ev = cfg.get("eval", {})
@@ -148,6 +149,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if eval_loader is not None and trainer.is_global_zero:
         metrics.update(run_generation(model, eval_loader, ev.get("max_new_tokens", 64), out / "predictions.jsonl"))
     return _write_metrics(out, metrics)
+
+
+def _precompute_caches(dm: Any, modalities: dict[str, Any]) -> None:
+    """Encode every clip the run will read once, batched, before training (frozen encoders only)."""
+    for name, m in modalities.items():
+        if dm.skip_bad or not (getattr(m, "cache_dir", None) and hasattr(m, "precompute_cache") and m.encoder_frozen):
+            continue
+        refs = {}
+        for split in ("train", "val", "eval"):
+            for rec in dm.records(split) if dm.files[split] else []:
+                for ref in rec.get(name) or []:
+                    refs[str(m.resolve(ref, rec.get("root")))] = None
+        counts = m.precompute_cache(list(refs))
+        log.info("%s encoder cache: %s", name, counts)
 
 
 def _write_metrics(out: Path, metrics: dict[str, Any]) -> dict[str, Any]:

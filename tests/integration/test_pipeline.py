@@ -114,3 +114,15 @@ def test_init_from_wrong_llm_is_refused(runs, tmp_path):
     p = _train(["stage=instruct", "modality=speech", "modality.tiny=true", f"init_from={out}/align", "llm=tiny",
                 "llm.model.tiny.hidden_size=32"], tmp_path)
     assert p.returncode != 0 and "has shape" in p.stderr.splitlines()[-1]
+
+
+def test_encoder_cache_is_built_up_front_and_matches_live_encoding(speech_corpus, tmp_path):
+    c = speech_corpus
+    common = TINY + ["stage=align", "trainer.max_steps=2", "eval.before=false", "data.max_eval_samples=4",
+                     f"data.train_files={c}/train.jsonl", f"data.val_files={c}/val.jsonl", f"data.eval_files={c}/eval.jsonl"]
+    live = run(cfg_for(common + [f"paths.output_dir={tmp_path}/live"]))
+    cached = run(cfg_for(common + [f"paths.output_dir={tmp_path}/cached", f"modality.cache_dir={tmp_path}/cache"]))
+    n_clips = sum(1 for f in ("train", "val", "eval") for _ in open(c / f"{f}.jsonl"))
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == n_clips
+    # fp16 cache vs live fp32 encoder: the same training trajectory up to rounding
+    assert abs(live["first_loss"] - cached["first_loss"]) < 1e-2
