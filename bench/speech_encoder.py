@@ -1,6 +1,6 @@
 """Measure the speech front end: ct2 import (fresh and cached), encoder time real length vs 30 s, transcripts.
 
-    python -m modality.speech_bench [--reps 5]
+    python -m bench.speech_encoder [--reps 5]
 
 Prints one line per measurement; a benchmark, not a test (numbers depend on the machine's load).
 """
