@@ -147,6 +147,12 @@ class MultimodalLM(L.LightningModule):
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
     # ---------------------------------------------------------------- optimisation
+    def configure_model(self) -> None:
+        """FSDP2 (trainer=fsdp): shard the LLM layers + root, frozen encoders replicated; else a no-op."""
+        from llm.sharding import configure_sharding
+
+        configure_sharding(self)
+
     def configure_optimizers(self):
         lora = [p for n, p in self.named_parameters() if p.requires_grad and "lora_" in n]
         rest = [p for n, p in self.named_parameters() if p.requires_grad and "lora_" not in n]
