@@ -81,6 +81,22 @@ def _prerequisite(cfg: DictConfig, policy: StagePolicy, modality: Any) -> list[d
     return metas
 
 
+def _check_scale(cfg: DictConfig) -> None:
+    """World size, precision and quant backend checked before any work (llm.sharding.check_scale).
+
+    data.batch_size is per device; +global_batch_size=N sets it to N / (world x accumulate), exactly.
+    """
+    from llm.sharding import check_scale
+
+    t = cfg.trainer
+    scale = check_scale(strategy=t.get("strategy"), accelerator=t.get("accelerator", "auto"), devices=t.get("devices", 1),
+                        num_nodes=t.get("num_nodes", 1), precision=t.get("precision", "32-true"),
+                        quant=cfg.llm.model.get("quant"), batch_size=cfg.data.get("batch_size", 1),
+                        global_batch_size=cfg.get("global_batch_size"), accumulate=t.get("accumulate_grad_batches", 1))
+    if cfg.get("global_batch_size"):
+        cfg.data.batch_size = scale.per_device_batch
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one stage as configured; returns (and writes to <output_dir>/metrics.json) its metrics."""
     out = Path(cfg.paths.output_dir)
@@ -88,6 +104,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     policy = stage_policy(cfg)
+    _check_scale(cfg)
     if policy.name == "forecast":
         from tasks.forecast import run_forecast
 
