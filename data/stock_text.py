@@ -2,12 +2,14 @@
 
 Every sentence is derived from data/stock_signals.py on the window the model sees, so a
 caption is checkable, never invented. :func:`build_records` writes LLaVA-style records
-(``{"id", "stock": [ref], "conversations": [...]}``) for stage=align (one caption) and
-stage=instruct (several Q&A turns), sampling windows from one leak-free split.
+(``{"id", "stock": [ref], "conversations": [...]}``) for stage=align (one caption),
+stage=instruct (several Q&A turns) and scoring (kind "qa": one question with its ``type`` and
+a short checkable ``reference``), sampling windows from one leak-free split.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -67,18 +69,100 @@ def describe(sig: Signals, days: int, ticker: str | None = None) -> str:
     return _cap(text)
 
 
+@dataclasses.dataclass(frozen=True)
+class QA:
+    """One question about a window: its family, the full answer and the checkable ``key``.
+
+    ``key`` is the fact the answer states (a category, or a number's integer part with its
+    direction) in the answer's own words, so ``tasks.evaluate.answer_correct(key, prediction)``
+    scores it: the key's words must appear, in order, in the prediction. Keys of different
+    categories never contain each other ("trend: uptrend" vs "trend: strong uptrend").
+    """
+
+    type: str
+    question: str
+    answer: str
+    key: str
+
+
+QUESTION_TYPES = ("trend", "volatility", "rsi", "macd", "ma_cross", "drawdown", "support_resistance", "momentum")
+
+
+def _int_part(x: float) -> str:
+    """Integer part of ``|x|`` as the answer prints it with one decimal (12.97 -> '13.0' -> '13')."""
+    return f"{abs(x):.1f}".split(".")[0]
+
+
+def question_specs(sig: Signals, days: int) -> list[QA]:
+    """One :class:`QA` per signal family (:data:`QUESTION_TYPES`), all answered from ``sig``."""
+    tw, side = trend_words(sig), ("above" if sig.macd_hist > 0 else "below")
+    ma_key = "too short" if sig.ma_state == 0 else f"50-day average is {'above' if sig.ma_state > 0 else 'below'} the 200-day"
+    up = "up" if sig.momentum_20_pct >= 0 else "down"
+    specs = [
+        QA("trend", "What is the overall trend?",
+           f"Trend: {tw}, {sig.change_pct:+.1f}% over {days} trading days (trend R^2 {sig.trend_r2:.2f}).", f"trend: {tw}"),
+        QA("volatility", "How volatile is it right now?",
+           f"20-day volatility is {sig.vol_20_ann * 100:.0f}% annualised, {sig.vol_regime} for this stock "
+           f"(percentile {sig.vol_percentile:.0f} of its recent history).", f"{sig.vol_regime} for this stock"),
+        QA("rsi", "Is it overbought or oversold?", f"RSI(14) is {sig.rsi_14:.0f}, which is {rsi_words(sig)}.",
+           f"which is {rsi_words(sig)}"),
+        QA("macd", "What does MACD say?", f"{_cap(macd_words(sig))} (histogram {sig.macd_hist:+.2f}).",
+           f"MACD is {side} its signal line"),
+        QA("ma_cross", "Any moving-average crossover?", _cap(ma_words(sig)) + ".", ma_key),
+        QA("drawdown", "What was the worst drawdown?",
+           f"The largest peak-to-trough fall in the window was {sig.max_drawdown_pct:.1f}%.",
+           f"fall in the window was {_int_part(sig.max_drawdown_pct)}"),
+        QA("support_resistance", "Where are support and resistance?",
+           f"Support is {sig.support_dist_pct:.1f}% below the last close (near {sig.support:.2f}), "
+           f"resistance {sig.resistance_dist_pct:.1f}% above (near {sig.resistance:.2f}).",
+           f"support is {_int_part(sig.support_dist_pct)}"),
+        QA("momentum", "How has the price moved in the last month?",
+           f"{_cap(up)} {abs(sig.momentum_20_pct):.1f}% over the last 20 trading days.", f"{up} {_int_part(sig.momentum_20_pct)}"),
+    ]
+    assert tuple(q.type for q in specs) == QUESTION_TYPES
+    return specs
+
+
 def question_answers(sig: Signals, days: int) -> list[tuple[str, str]]:
     """(question, answer) pairs, one per signal family, all answered from ``sig``."""
-    return [
-        ("What is the overall trend?", f"A {trend_words(sig)}: {sig.change_pct:+.1f}% over {days} trading days, trend R^2 {sig.trend_r2:.2f}."),
-        ("How volatile is it right now?", f"20-day volatility is {sig.vol_20_ann * 100:.0f}% annualised, {sig.vol_regime} compared with its own recent history ({sig.vol_percentile:.0f}th percentile)."),
-        ("Is it overbought or oversold?", f"RSI(14) is {sig.rsi_14:.0f}, which is {rsi_words(sig)}."),
-        ("What does MACD say?", f"{_cap(macd_words(sig))} (histogram {sig.macd_hist:+.2f})."),
-        ("Any moving-average crossover?", _cap(ma_words(sig)) + "."),
-        ("What was the worst drawdown?", f"The largest peak-to-trough fall in the window was {sig.max_drawdown_pct:.1f}%."),
-        ("Where are support and resistance?", f"Support near {sig.support:.2f} ({sig.support_dist_pct:.1f}% below the last close), resistance near {sig.resistance:.2f} ({sig.resistance_dist_pct:.1f}% above)."),
-        ("How has the price moved in the last month?", f"{sig.momentum_20_pct:+.1f}% over the last 20 trading days."),
-    ]
+    return [(q.question, q.answer) for q in question_specs(sig, days)]
+
+
+KINDS = ("align", "instruct", "qa")
+
+
+def window_record(kind: str, rid: str, df, key: str, anchor: int, context: int, csv: str,
+                  rng: np.random.Generator | None = None, n_turns: int = 3, qa_type: str | None = None) -> dict:
+    """One record about the window of ``context + 1`` rows of ``df`` ending at row ``anchor``.
+
+    align: one caption; instruct: ``n_turns`` Q&A turns (questions drawn with ``rng``); qa: one
+    question of ``qa_type`` with ``type`` and ``reference`` (its checkable key) for scoring.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    sig = compute_signals(df.iloc[anchor - context : anchor + 1])
+    end = str(df.index[anchor].date())
+    rec: dict = {"id": f"{rid}-{key}-{end}", "stock": [{"csv": csv, "ticker": key, "end": end}]}
+    if kind == "align":
+        rec["type"] = "caption"  # scored as an exact caption: eyeball predictions.jsonl, watch val/loss
+        conv = [
+            {"from": "human", "value": f"{PLACEHOLDER}\nDescribe this price chart."},
+            {"from": "gpt", "value": describe(sig, context)},
+        ]
+    elif kind == "instruct":
+        qa = question_answers(sig, context)
+        rng = rng if rng is not None else np.random.default_rng(0)
+        chosen = rng.choice(len(qa), size=min(n_turns, len(qa)), replace=False)
+        conv = []
+        for t, i in enumerate(chosen):
+            q = f"{PLACEHOLDER}\n{qa[i][0]}" if t == 0 else qa[i][0]
+            conv += [{"from": "human", "value": q}, {"from": "gpt", "value": qa[i][1]}]
+    else:
+        spec = {q.type: q for q in question_specs(sig, context)}[qa_type or QUESTION_TYPES[0]]
+        rec.update(type=spec.type, reference=spec.key)
+        conv = [{"from": "human", "value": f"{PLACEHOLDER}\n{spec.question}"}, {"from": "gpt", "value": spec.answer}]
+    rec["conversations"] = conv
+    return rec
 
 
 def build_records(
@@ -99,10 +183,11 @@ def build_records(
 
     Refs are ``{"csv": source, "ticker": key, "end": "YYYY-MM-DD"}`` with ``csv`` made absolute
     for file sources; the window ends at the anchor row of a split window, so its horizon lies
-    inside the same split too.
+    inside the same split too. kind="qa" cycles through :data:`QUESTION_TYPES` (record ``j``
+    asks type ``j % 8``), so any prefix of the file is balanced across types.
     """
-    if kind not in ("align", "instruct"):
-        raise ValueError(f"kind must be 'align' or 'instruct', got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     series = load_source(source, columns)
     if tickers:
         series = {k: series[k] for k in tickers}
@@ -121,24 +206,9 @@ def build_records(
     records = []
     for j, p in enumerate(picks):
         key, anchor = pool[p]
-        df = series[key]
-        window = df.iloc[anchor - context : anchor + 1]
-        sig = compute_signals(window)
-        end = str(df.index[anchor].date())
-        ref = {"csv": csv, "ticker": key, "end": end}
-        if kind == "align":
-            conv = [
-                {"from": "human", "value": f"{PLACEHOLDER}\nDescribe this price chart."},
-                {"from": "gpt", "value": describe(sig, context)},
-            ]
-        else:
-            qa = question_answers(sig, context)
-            chosen = rng.choice(len(qa), size=min(n_turns, len(qa)), replace=False)
-            conv = []
-            for t, i in enumerate(chosen):
-                q = f"{PLACEHOLDER}\n{qa[i][0]}" if t == 0 else qa[i][0]
-                conv += [{"from": "human", "value": q}, {"from": "gpt", "value": qa[i][1]}]
-        records.append({"id": f"stock-{kind}-{split}-{j:06d}-{key}-{end}", "stock": [ref], "conversations": conv})
+        qa_type = QUESTION_TYPES[j % len(QUESTION_TYPES)]
+        records.append(window_record(kind, f"stock-{kind}-{split}-{j:06d}", series[key], key, anchor, context, csv,
+                                     rng, n_turns, qa_type))
     return records
 
 
@@ -154,7 +224,8 @@ def write_records(records: list[dict], path: str | Path) -> Path:
     return path
 
 
-RECORD_FILES = tuple(f"stock_{k}_{s}.jsonl" for k in ("align", "instruct") for s in ("train", "val", "test"))
+RECORD_FILES = tuple(f"stock_{k}_{s}.jsonl" for k in ("align", "instruct") for s in ("train", "val", "test")) + (
+    "stock_qa_val.jsonl", "stock_qa_test.jsonl")
 
 
 def prepare_records(
@@ -166,8 +237,10 @@ def prepare_records(
     n_instruct: int = 1000,
     eval_frac: float = 0.1,
     seed: int = 0,
+    n_qa: int = 160,
 ) -> list[Path]:
-    """Write :data:`RECORD_FILES` into ``out``: align/instruct records for each split.
+    """Write :data:`RECORD_FILES` into ``out``: align/instruct records for each split, and
+    ``n_qa`` single-question scoring records (balanced over :data:`QUESTION_TYPES`) for val/test.
 
     val/test get ``eval_frac`` as many records as train; every file draws from its own split.
     """
@@ -177,11 +250,14 @@ def prepare_records(
             count = n if split == "train" else max(1, int(n * eval_frac))
             recs = build_records(source, context, horizon, split, kind, count, seed=seed)
             paths.append(write_records(recs, Path(out) / f"stock_{kind}_{split}.jsonl"))
+    for split in ("val", "test"):
+        recs = build_records(source, context, horizon, split, "qa", n_qa, seed=seed)
+        paths.append(write_records(recs, Path(out) / f"stock_qa_{split}.jsonl"))
     return paths
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m data.stock_text --out DIR`` writes align/instruct train/val/test records."""
+    """CLI: ``python -m data.stock_text --out DIR`` writes align/instruct train/val/test and qa val/test records."""
     import argparse
 
     ap = argparse.ArgumentParser(description=main.__doc__)
@@ -191,9 +267,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--horizon", type=int, default=20)
     ap.add_argument("--n-align", type=int, default=2000)
     ap.add_argument("--n-instruct", type=int, default=1000)
+    ap.add_argument("--n-qa", type=int, default=160)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    for p in prepare_records(a.out, a.source, a.context, a.horizon, a.n_align, a.n_instruct, seed=a.seed):
+    for p in prepare_records(a.out, a.source, a.context, a.horizon, a.n_align, a.n_instruct, seed=a.seed, n_qa=a.n_qa):
         print(p)
 
 

@@ -129,10 +129,11 @@ def predict(forecaster: torch.nn.Module, loader) -> dict[str, np.ndarray]:
     forecaster.eval()
     keys = ("history", "target", "vol_target", "series", "anchor")
     acc: dict[str, list] = {k: [] for k in keys + ("quantiles", "vol")}
+    device = next(forecaster.parameters()).device  # trained on an accelerator: batches follow the model
     for batch in loader:
-        out = forecaster(batch["x"])
-        acc["quantiles"].append(out.quantiles.double().numpy())
-        acc["vol"].append(out.vol.double().numpy())
+        out = forecaster(batch["x"].to(device))
+        acc["quantiles"].append(out.quantiles.double().cpu().numpy())
+        acc["vol"].append(out.vol.double().cpu().numpy())
         for k in keys:
             acc[k].append(batch[k].numpy())
     forecaster.train(was_training)

@@ -20,6 +20,7 @@ from tasks.checkpoint import META_KEY, TrainableOnlyCheckpoint, load_chain, read
 from tasks.evaluate import run_generation
 from tasks.multimodal import MultimodalLM, OptimSpec
 from tasks.stages import StagePolicy
+from tasks.text_baseline import run_text_baseline
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if eval_loader is None:
             raise UsageError("stage=evaluate needs data.eval_manifest=<records file>")
         metrics.update(run_generation(model, eval_loader, ev.get("max_new_tokens", 64), out / "predictions.jsonl"))
+        metrics.update(run_text_baseline(cfg, model, dm, out))  # {} unless data.text_baseline is set
         return _write_metrics(out, metrics)
     if eval_loader is not None and ev.get("before", False):
         before = run_generation(model, eval_loader, ev.get("max_new_tokens", 64), out / "predictions_before.jsonl",
@@ -165,6 +167,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics["llm_mb"] = round(sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20, 1)
     if eval_loader is not None and trainer.is_global_zero:
         metrics.update(run_generation(model, eval_loader, ev.get("max_new_tokens", 64), out / "predictions.jsonl"))
+        metrics.update(run_text_baseline(cfg, model, dm, out))  # {} unless data.text_baseline is set
     return _write_metrics(out, metrics)
 
 

@@ -1,0 +1,185 @@
+"""forecast -> align -> instruct -> evaluate (data.csv=) for the stock modality, through the real
+Hydra config and tasks.runner.run, shrunk to a tiny LLM and a tiny forecaster.
+
+A spy on runner.build_trainer snapshots the stock modality's weights when each fit starts and
+ends, so the hand-offs and the frozen forecaster are checked on the runs themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+
+import tasks.runner as runner
+from data.stock_text import QUESTION_TYPES
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["modality=stock", "llm=tiny", "modality.context=64", "modality.d_model=32", "modality.n_heads=2",
+         "modality.n_layers=1", "modality.d_ff=64", "trainer.enable_model_summary=false", "eval.max_new_tokens=6"]
+LLM_STAGES = ["data.batch_size=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+              "data.prepare.n_align=24", "data.prepare.n_instruct=16", "data.prepare.n_qa=16",
+              "data.prepare.eval_frac=0.25", "data.max_eval_samples=16"]
+
+
+def cfg_for(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+class Snapshot(L.Callback):
+    """The stock modality's state dict when fit starts and when it ends."""
+
+    def __init__(self) -> None:
+        self.start: dict[str, torch.Tensor] = {}
+        self.end: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _grab(module: L.LightningModule) -> dict[str, torch.Tensor]:
+        stock = module.modalities["stock"] if hasattr(module, "modalities") else module
+        return {k: v.detach().clone() for k, v in stock.state_dict().items()}
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.start = self._grab(module)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.end = self._grab(module)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stock_runs")
+    data = [f"paths.data_dir={out}/data"]
+    snaps: dict[str, Snapshot] = {}
+    real = runner.build_trainer
+
+    def spy(cfg, run_dir, callbacks):
+        snaps[cfg.stage.name] = Snapshot()
+        return real(cfg, run_dir, [*callbacks, snaps[cfg.stage.name]])
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner, "build_trainer", spy)
+        forecast = runner.run(cfg_for(SMALL + [
+            "stage=forecast", "trainer.max_steps=12", "trainer.val_check_interval=6", "trainer.limit_val_batches=1",
+            "data.batch_size=32", "data.tickers=[IBM_2000]", f"paths.output_dir={out}/forecast"]))
+        align = runner.run(cfg_for(SMALL + LLM_STAGES + data + [
+            "stage=align", "trainer.max_steps=4", f"init_from={out}/forecast", f"paths.output_dir={out}/align"]))
+        instruct = runner.run(cfg_for(SMALL + LLM_STAGES + data + [
+            "stage=instruct", "trainer.max_steps=3", f"init_from={out}/align", "eval.before=false",
+            "data.text_baseline.train_lora=true", f"paths.output_dir={out}/instruct"]))
+    return out, {"forecast": forecast, "align": align, "instruct": instruct}, snaps
+
+
+def _ckpt(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def test_forecast_writes_table_vs_baselines_plot_and_encoder_only_checkpoint(runs):
+    out, metrics, _ = runs
+    m = json.loads((out / "forecast" / "metrics.json").read_text())
+    assert m == json.loads(json.dumps(metrics["forecast"], default=str))
+    assert m["steps"] == 12 and m["first_loss"] is not None and m["samples_per_second"] > 0
+    table = m["forecast_test"]
+    for row in ("model", "persistence", "drift", "seasonal_naive"):
+        assert {"mae", "mase", "direction_acc", "rel_mae"} <= set(table[row]), row
+    for row in ("model_vol", "historical_vol_20d", "historical_vol_context"):
+        assert "vol_mae_ann" in table[row], row
+    assert table["persistence"]["rel_mae"] == 1.0 and m["test/mae/persistence"] == round(table["persistence"]["mae"], 5)
+    assert list(m["forecast_test_by_series"]) == ["IBM_2000"]
+    pngs = sorted((out / "forecast").glob("forecast_*.png"))
+    assert pngs and pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ckpt = _ckpt(out / "forecast")
+    assert ckpt["state_dict"] and all(k.startswith("encoder.") for k in ckpt["state_dict"])
+    assert {k: ckpt["mmlm"][k] for k in ("stage", "llm", "modalities", "parent", "lora")} == {
+        "stage": "forecast", "llm": None, "modalities": ["stock"], "parent": None, "lora": None}
+
+
+def test_align_without_forecast_is_refused_in_one_line(tmp_path):
+    with pytest.raises(runner.UsageError) as e:
+        runner.run(cfg_for(SMALL + ["stage=align", f"paths.output_dir={tmp_path}"]))
+    msg = str(e.value)
+    assert "\n" not in msg and "needs init_from=<a forecast run" in msg and "stage=forecast modality=stock" in msg
+
+
+def test_forecaster_handed_off_and_bitwise_frozen_in_align_and_instruct(runs):
+    out, _, snaps = runs
+    trained = _ckpt(out / "forecast")["state_dict"]  # encoder.* = the stock modality's own keys
+    assert any(not torch.equal(snaps["forecast"].start[k], v) for k, v in trained.items())  # forecast trained
+    for stage in ("align", "instruct"):
+        s = snaps[stage]
+        for k, v in trained.items():
+            assert torch.equal(s.start[k], v), (stage, "hand-off", k)
+            assert torch.equal(s.end[k], v), (stage, "frozen forecaster changed", k)
+        moved = [k for k in s.start if k.startswith("adaptor.") and not torch.equal(s.start[k], s.end[k])]
+        assert moved, f"{stage}: the adaptor did not train"
+
+
+def test_instruct_starts_from_align_adaptor_and_chain_reloads_exactly(runs):
+    out, _, snaps = runs
+    align_sd = _ckpt(out / "align")["state_dict"]
+    assert align_sd and all(k.startswith("modalities.stock.adaptor.") for k in align_sd)
+    for k, v in align_sd.items():
+        assert torch.equal(snaps["instruct"].start[k[len("modalities.stock."):]], v), k
+    # a fresh model built the way the runner builds it, then load_chain(instruct run)
+    from hydra.utils import instantiate
+
+    from llm.lora import LoraSpec
+    from llm.tokens import add_placeholder_tokens
+    from tasks.checkpoint import load_chain
+    from tasks.multimodal import MultimodalLM
+    from tasks.stages import StagePolicy
+
+    cfg = cfg_for(SMALL + ["stage=instruct", "paths.output_dir=/tmp/unused"])
+    lm = instantiate(cfg.llm.model)
+    stock = runner.instantiate_accepting(cfg.modality, d_llm=lm.hidden_size, target_rms=lm.embedding_rms)
+    ids = add_placeholder_tokens(lm.tokenizer, lm.model, ["<stock>"])
+    model = MultimodalLM(lm.model, lm.tokenizer, {"stock": stock}, {"stock": ids["<stock>"]},
+                         StagePolicy("instruct", lora=True), lora=LoraSpec(r=4, alpha=8), llm_name=lm.name)
+    chain = load_chain(model, out / "instruct", lm.name, ["stock"], prefix_for_stage={"forecast": "modalities.stock."})
+    assert [p.parent.parent.name for p in chain] == ["instruct", "align", "forecast"]
+    now = model.state_dict()
+    for k, v in _ckpt(out / "forecast")["state_dict"].items():
+        assert torch.equal(now[f"modalities.stock.{k}"], v), k
+    inst = _ckpt(out / "instruct")["state_dict"]
+    assert any("lora_" in k for k in inst) and all(k.startswith("modalities.stock.adaptor.") or "lora_" in k for k in inst)
+    for k, v in inst.items():
+        assert torch.equal(now[k], v), k
+
+
+def test_instruct_scores_each_question_type_next_to_text_baselines(runs):
+    out, _, _ = runs
+    m = json.loads((out / "instruct" / "metrics.json").read_text())
+    for prefix in ("", "text_zero_shot/", "text_lora/", "majority/"):
+        for t in QUESTION_TYPES:
+            assert 0.0 <= m[f"{prefix}accuracy/{t}"] <= 1.0, (prefix, t)
+    assert m["eval_samples"] == m["text_zero_shot/eval_samples"] == m["text_lora/eval_samples"] == 16
+    assert m["text_lora/steps"] == m["steps"] == 3
+    for name in ("predictions.jsonl", "predictions_text_zero_shot.jsonl", "predictions_text_lora.jsonl"):
+        rows = [json.loads(x) for x in (out / "instruct" / name).read_text().splitlines()]
+        assert len(rows) == 16 and {r["type"] for r in rows} == set(QUESTION_TYPES), name
+    text = [json.loads(x) for x in (out / "instruct" / "text_baseline" / "eval.jsonl").read_text().splitlines()]
+    assert "<stock>" not in text[0]["conversations"][0]["value"] and "RSI(14)" in text[0]["conversations"][0]["value"]
+
+
+def test_evaluate_on_any_csv(runs, tmp_path):
+    from data.stock_csv import load_packaged
+
+    out, _, _ = runs
+    csv = tmp_path / "mine.csv"
+    load_packaged()["MSFT_2000"].iloc[-150:].reset_index().to_csv(csv, index=False)
+    m = runner.run(cfg_for(SMALL + ["stage=evaluate", f"init_from={out}/instruct", f"data.csv={csv}",
+                                    "data.csv_windows=2", f"paths.output_dir={tmp_path}/eval"]))
+    assert m["eval_samples"] == 2 * len(QUESTION_TYPES) and m["init_from"][0].endswith("instruct/checkpoints/last.ckpt")
+    assert all(f"accuracy/{t}" in m and f"text_zero_shot/accuracy/{t}" in m for t in QUESTION_TYPES)
+    rows = [json.loads(x) for x in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in (tmp_path / "eval" / "csv_eval_records.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [r["id"] for r in recs] and all(r["stock"][0]["csv"] == str(csv) for r in recs)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["accuracy"] == m["accuracy"]
