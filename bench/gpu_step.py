@@ -309,7 +309,7 @@ def table(rows: list[dict]) -> str:
         m, p = r["mmlm"], r["plain"]
         lines.append(f"| {r['setting']} | {m['tokens_per_s']:.0f} | {p['tokens_per_s']:.0f} | "
                      f"{m['tokens_per_s'] / p['tokens_per_s']:.2f} | {f(m['mfu'], '.1%')} | {f(p['mfu'], '.1%')} | "
-                     f"{f(m['peak_gib'], '.1f')} | {f(p['peak_gib'], '.1f')} | {r['planner_gib']['total']:.1f} | "
+                     f"{f(m['peak_gib'], '.3g')} | {f(p['peak_gib'], '.3g')} | {r['planner_gib']['total']:.3g} | "
                      f"{r['activation_gib_measured']:.3g} / {r['planner_gib']['activations']:.3g} |")
     return "\n".join(lines)
 

@@ -244,8 +244,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     try:
         p = from_config(compose(args.overrides), args.seq_len, args.label_fraction, args.attention)
         est = estimate(p)
-    except ValueError as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    except Exception as e:  # bad overrides (Hydra) or an impossible run (ValueError): one line, exit 2
+        from hydra.errors import HydraException
+
+        if not isinstance(e, (ValueError, HydraException)):
+            raise
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         raise SystemExit(2) from None
     print(json.dumps({"input": {k: v for k, v in asdict(p).items() if k not in ("shape", "encoder")}, **est}, indent=1)
           if args.json else report(p, est, args.gpu_gib))
