@@ -252,8 +252,9 @@ def check_scale(*, strategy: Any, accelerator: str, devices: Any, num_nodes: int
     target = strategy.get("_target_", "") if isinstance(strategy, Mapping) else str(strategy or "")
     name = target.rsplit(".", 1)[-1].lower()
     cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
-    if name in ("fsdp", "fsdpstrategy") and not cuda:
-        raise ValueError(f"trainer.strategy={target}: Lightning's FSDP1 strategy needs CUDA; use trainer=fsdp (FSDP2)")
+    if name in ("fsdp", "fsdpstrategy"):  # FSDP1: needs CUDA, flattens frozen + LoRA weights together, untested here
+        raise ValueError(f"trainer.strategy={target} is Lightning's FSDP1 (CUDA only); mmlm shards with FSDP2: "
+                         f"use trainer=fsdp")
     if prec.startswith("16") and not cuda:
         raise ValueError(f"trainer.precision={prec}: fp16 needs a CUDA GPU; on CPU use bf16-mixed, bf16-true or 32")
     world = world_size(devices, num_nodes, accelerator)

@@ -50,16 +50,16 @@ def trainer_config(trainer: str, devices: int, precision: str):
     return cfg.trainer
 
 
-def padding_safe_toy():
+from tests.conftest import ToyModality  # noqa: E402
+
+
+class PaddingSafeToy(ToyModality):
     """The conftest ToyModality with padded frames zeroed after its encoder, so a sample's embeddings
-    do not depend on what it is batched with (a rank's half batch must match the full batch)."""
-    from tests.conftest import ToyModality
+    do not depend on what it is batched with (a rank's half batch must match the full batch).
+    Module level, so ddp_spawn can pickle it."""
 
-    class PaddingSafeToy(ToyModality):
-        def encode_frozen(self, features, mask):
-            return self.encoder(features) * mask[..., None].to(features), mask.sum(1)
-
-    return PaddingSafeToy()
+    def encode_frozen(self, features, mask):
+        return self.encoder(features) * mask[..., None].to(features), mask.sum(1)
 
 
 def build_model(job: dict):
@@ -72,7 +72,7 @@ def build_model(job: dict):
     if job.get("quant"):
         quantize_linear_layers(lm.model, job["quant"])
     torch.manual_seed(0)
-    modality = padding_safe_toy()
+    modality = PaddingSafeToy()
     torch.manual_seed(1)  # LoRA init
     return build(lm, modality, job["stage"], lr=job.get("lr", 1e-2))
 
@@ -125,7 +125,7 @@ def run_job(job: dict, tcfg, out: Path) -> None:
         torch.save({"weights": weights, "init": init, "losses": rec.losses, "seconds": seconds,
                     "world": trainer.world_size, "per_device_batch": scale.per_device_batch,
                     "sharded": [n for n, p in model.named_parameters() if type(p.data).__name__ == "DTensor"],
-                    "optimizer_params": [names[id(p)] for g in trainer.optimizers[0].param_groups for p in g["params"]],
+                    "optimizer_params": [names[id(p)] for o in trainer.optimizers[:1] for g in o.param_groups for p in g["params"]],
                     "frozen_unchanged": unchanged, "generate": generate},
                    out / f"{job['name']}.pt")
 

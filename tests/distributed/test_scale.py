@@ -1,8 +1,8 @@
 """DDP and FSDP2 on 2 CPU processes (gloo) train exactly like one process with the same global batch;
 QLoRA trains under both; a checkpoint saved under FSDP2 resumes exactly under DDP on one process.
 
-Four launches of tests/distributed/_worker.py (each process re-run by Lightning's launcher, as
-train.py is) feed every test below; ~80 s on 2 cores.
+Five launches of tests/distributed/_worker.py (each process re-run by Lightning's launcher, as
+train.py is; ddp_spawn spawns them) feed every test below; ~100 s on 2 cores.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def runs(tmp_path_factory) -> dict[str, dict[str, dict]]:
     root = tmp_path_factory.mktemp("scale")
     res = {"single": launch("cpu", 1, JOBS["single"], root / "single"),
            "ddp": launch("ddp", 2, JOBS["ddp"], root / "ddp"),
-           "fsdp": launch("fsdp", 2, JOBS["fsdp"], root / "fsdp")}
+           "fsdp": launch("fsdp", 2, JOBS["fsdp"], root / "fsdp"),
+           "spawn": launch("ddp_spawn", 2, JOBS["ddp"][1:2], root / "spawn")}
     ckpt = root / "fsdp" / "full" / "step=2.ckpt"
     res["resume"] = launch("ddp", 1, [{"name": "resumed", "stage": "instruct", "steps": 4, "global_batch": 4,
                                        "resume": str(ckpt)}], root / "resume")
@@ -70,6 +71,11 @@ def test_two_processes_equal_one_with_same_global_batch(runs, strategy, stage):
     assert one["losses"] == pytest.approx(two["losses"], abs=1e-5)
     names = set(one["weights"])
     assert all(n.startswith("modalities.toy.adaptor.") or (stage == "instruct" and "lora_" in n) for n in names)
+
+
+def test_ddp_spawn_trains_like_one_process_and_returns_weights_to_the_parent(runs):
+    spawn = runs["spawn"]["instruct"]  # trained in spawned children; the parent holds rank 0's weights
+    assert spawn["world"] == 2 and max_diff(runs["single"]["instruct"]["weights"], spawn["weights"]) < 1e-5
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

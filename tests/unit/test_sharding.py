@@ -45,7 +45,9 @@ def test_batch_size_is_per_device_and_global_batch_must_divide():
 
 
 def test_impossible_strategy_precision_devices_are_refused():
-    one_line_error(lambda: check_scale(**{**CPU, "strategy": "fsdp"}), "FSDP1 strategy needs CUDA; use trainer=fsdp")
+    one_line_error(lambda: check_scale(**{**CPU, "strategy": "fsdp"}), "Lightning's FSDP1 .* use trainer=fsdp")
+    one_line_error(lambda: check_scale(**{**CPU, "strategy": {"_target_": "lightning.pytorch.strategies.FSDPStrategy"}}),
+                   "FSDP1")
     one_line_error(lambda: check_scale(**{**CPU, "precision": "16-mixed"}), "fp16 needs a CUDA GPU")
     one_line_error(lambda: check_scale(**{**CPU, "precision": "bf17"}), "trainer.precision=bf17")
     one_line_error(lambda: check_scale(**{**CPU, "devices": 0}), "trainer.devices=0")
