@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+    f = lambda v, fmt: "-" if v is None else format(v, fmt)
     lines = ["| setting | mmlm tok/s | plain tok/s | mmlm/plain | mmlm MFU | plain MFU | mmlm peak GiB | plain peak GiB "
              "| planner GiB | activations GiB (measured / planned) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llm.quant import quantized_bytes
-from llm.shapes import EncoderShape, ModelShape, model_shape, modality_shapes
+from llm.shapes import EncoderShape, ModelShape, modality_shapes, model_shape
 
 GiB = 2**30
 RUNTIME_OVERHEAD = 1.0 * GiB  # CUDA context + cuBLAS/NCCL workspaces + allocator slack, measured typical
@@ -204,7 +204,7 @@ def from_config(cfg, seq_len: int | None = None, label_fraction: float = 0.5, at
 def report(p: PlanInput, est: dict[str, float], gpu_gib: float | None = None) -> str:
     """A human table of ``est`` (GiB per GPU)."""
     s = p.shape
-    g = lambda b: f"{b / GiB:9.2f}"  # noqa: E731
+    g = lambda b: f"{b / GiB:9.2f}"
     head = (f"LLM {s.name}: {est['llm_params'] / 1e9:.3f} B params (L={s.layers} h={s.hidden} V={s.vocab}"
             f"{' tied' if s.tied else ''}), weights {est['llm_bytes_total'] / GiB:.2f} GiB total"
             f"{' in ' + p.quant if p.quant else ''}\n"
@@ -283,7 +283,7 @@ class SavedTensorMeter:
     def bytes(self) -> int:
         return sum(self.seen.values())
 
-    def __enter__(self) -> "SavedTensorMeter":
+    def __enter__(self) -> SavedTensorMeter:
         import torch
 
         self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class ModelShape:
         return counts
 
     @classmethod
-    def from_hf_config(cls, name: str, c: Mapping[str, Any]) -> "ModelShape":
+    def from_hf_config(cls, name: str, c: Mapping[str, Any]) -> ModelShape:
         return cls(name=name, hidden=c["hidden_size"], layers=c["num_hidden_layers"], heads=c["num_attention_heads"],
                    kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
                    intermediate=c["intermediate_size"], vocab=c["vocab_size"],

@@ -83,9 +83,9 @@ def run_job(job: dict, tcfg, out: Path) -> None:
 
     from data.collate import ConversationCollator
     from data.dataset import ConversationDataset
+    from llm.sharding import check_scale, trainable_state_dict
     from tasks.checkpoint import TrainableOnlyCheckpoint
     from tests.unit.helpers import toy_records
-    from llm.sharding import check_scale, trainable_state_dict
 
     scale = check_scale(strategy=tcfg.get("strategy"), accelerator="cpu", devices=tcfg.devices,
                         num_nodes=tcfg.num_nodes, precision=tcfg.precision, quant=job.get("quant"),

@@ -10,7 +10,7 @@ import torch
 from llm.lora import backbone_and_head
 from llm.plan import PlanInput, SavedTensorMeter, estimate, lora_params, main
 from llm.quant import quantize_linear_layers, quantized_bytes
-from llm.shapes import KNOWN, EncoderShape, model_shape, modality_shapes
+from llm.shapes import KNOWN, EncoderShape, modality_shapes, model_shape
 from tests.unit.helpers import build
 
 TINY = {"hidden_size": 64, "layers": 2, "heads": 4, "intermediate_size": 128}
@@ -57,7 +57,7 @@ def test_gradient_and_optimizer_bytes_exact(tiny_lm, toy_modality):
     model = build(tiny_lm, toy_modality, "instruct")
     batch_embeds = torch.randn(2, 16, 64)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    backbone, head = backbone_and_head(model.llm)
+    backbone, _ = backbone_and_head(model.llm)
     (backbone(inputs_embeds=batch_embeds).last_hidden_state.sum() + sum(
         p.sum() for p in model.modalities.parameters() if p.requires_grad)).backward()
     opt.step()
