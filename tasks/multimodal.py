@@ -64,8 +64,14 @@ class MultimodalLM(L.LightningModule):
     def train(self, mode: bool = True) -> "MultimodalLM":
         """Frozen parts stay in eval mode (no dropout); Modality.train handles frozen encoders."""
         super().train(mode)
-        if not self.stage.lora:
-            self.llm.eval()
+        if mode and not self.stage.lora:
+            if getattr(self.llm, "is_gradient_checkpointing", False):
+                # HF checkpoints only in training mode: keep it, but switch every dropout off instead
+                for m in self.llm.modules():
+                    if isinstance(m, nn.Dropout):
+                        m.eval()
+            else:
+                self.llm.eval()
         return self
 
     def on_fit_start(self) -> None:
