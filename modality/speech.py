@@ -44,14 +44,19 @@ class SpeechHParams:
     target_rms: float | None = None
     max_seconds: float = 30.0
     overlong: str = "error"
+    layers: int = 2      # transformer adaptor only: self-attention layers over the stacked positions
+    heads: int = 8
 
     def __post_init__(self) -> None:
         if self.d_llm is None or int(self.d_llm) < 1:
             raise ValueError(f"d_llm must be a positive int (the LLM hidden width), got {self.d_llm!r}")
         if self.stack < 1:
             raise ValueError(f"stack must be >= 1, got {self.stack}")
-        if self.adaptor not in ("mlp", "conv"):
-            raise ValueError(f"adaptor must be 'mlp' or 'conv', got {self.adaptor!r}")
+        if self.adaptor not in ("mlp", "conv", "transformer"):
+            raise ValueError(f"adaptor must be 'mlp', 'conv' or 'transformer', got {self.adaptor!r}")
+        if self.adaptor == "transformer" and (self.layers < 1 or self.heads < 1 or self.hidden % self.heads):
+            raise ValueError(f"transformer adaptor needs layers >= 1 and hidden ({self.hidden}) divisible by heads "
+                             f"({self.heads}), got layers={self.layers}")
         if self.hidden < 1:
             raise ValueError(f"hidden must be >= 1, got {self.hidden}")
         if self.target_rms is not None and not self.target_rms > 0:
@@ -100,30 +105,44 @@ def _load_encoder(encoder_name: str, tiny: bool | dict) -> nn.Module:
 
 
 class SpeechAdaptor(nn.Module):
-    """Frame stacking + 2-layer MLP (or strided Conv1d) -> d_llm, then an optional fixed-RMS LayerNorm.
+    """Frame stacking + 2-layer MLP (or strided Conv1d, or a small transformer) -> d_llm, then an
+    optional fixed-RMS LayerNorm.
 
     ``target_rms`` rescales each output vector to the RMS of the LLM's token embeddings, so the
-    frozen LLM sees inputs on the scale it was trained on from the first step.
+    frozen LLM sees inputs on the scale it was trained on from the first step. ``transformer`` adds
+    self-attention over the stacked positions: an MLP position sees only its own 80 ms, while a
+    word's sub-word tokens span several positions (see bench/ctc_probe.py for the measured effect).
     """
 
-    def __init__(self, d_in: int, d_llm: int, stack: int, hidden: int, kind: str, target_rms: float | None):
+    def __init__(self, d_in: int, d_llm: int, stack: int, hidden: int, kind: str, target_rms: float | None,
+                 layers: int = 2, heads: int = 8):
         super().__init__()
         self.stack, self.kind, self.target_rms = stack, kind, target_rms
-        if kind == "mlp":
+        if kind in ("mlp", "transformer"):
             self.fc1 = nn.Linear(d_in * stack, hidden)
         else:  # kernel 2*stack, stride stack: each output sees its own block plus half a block either side
             self.conv = nn.Conv1d(d_in, hidden, kernel_size=2 * stack, stride=stack)
+        if kind == "transformer":
+            layer = nn.TransformerEncoderLayer(hidden, heads, 2 * hidden, dropout=0.1, activation="gelu",
+                                               batch_first=True, norm_first=True)
+            self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.fc2 = nn.Linear(hidden, d_llm)
         self.norm = nn.LayerNorm(d_llm, elementwise_affine=False) if target_rms is not None else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x [B, T, H] with T a multiple of ``stack`` and zeros past each length -> [B, T / stack, d_llm]."""
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """x [B, T, H] with T a multiple of ``stack`` and zeros past each length -> [B, T / stack, d_llm].
+
+        ``lengths`` (output positions per row) masks padded positions out of the transformer's attention.
+        """
         b, t, h = x.shape
         s = self.stack
-        if self.kind == "mlp":
-            y = self.fc1(x.reshape(b, t // s, s * h))  # [B, T, H] -> [B, T/s, s*H]
-        else:
+        if self.kind == "conv":
             y = self.conv(F.pad(x.transpose(1, 2), (s // 2, s - s // 2))).transpose(1, 2)  # [B, T/s, hidden]
+        else:
+            y = self.fc1(x.reshape(b, t // s, s * h))  # [B, T, H] -> [B, T/s, s*H] -> [B, T/s, hidden]
+        if self.kind == "transformer":
+            pad = None if lengths is None else torch.arange(t // s, device=y.device)[None, :] >= lengths[:, None].to(y.device)
+            y = self.blocks(y, src_key_padding_mask=pad)  # [B, T/s, hidden]
         y = self.fc2(F.gelu(y))
         if self.norm is not None:
             y = self.norm(y) * self.target_rms
@@ -149,9 +168,11 @@ class SpeechModality(Modality):
         overlong: str = "error",
         cache_dir: str | None = None,
         tiny: bool | dict = False,
+        layers: int = 2,
+        heads: int = 8,
     ):
         super().__init__()
-        self.hp = SpeechHParams(int(d_llm), stack, adaptor, hidden, target_rms, max_seconds, overlong)
+        self.hp = SpeechHParams(int(d_llm), stack, adaptor, hidden, target_rms, max_seconds, overlong, layers, heads)
         self.save_hyperparameters()
         self.encoder_name = "tiny" if tiny else encoder_name
         self.cache_dir = cache_dir
@@ -161,7 +182,8 @@ class SpeechModality(Modality):
         self.n_mels, self.hidden_size = cfg.num_mel_bins, cfg.d_model
         self.max_frames = cfg.max_source_positions  # encoder positions; 1500 = 30 s
         self.register_buffer("mel_fb", mel_filters(self.n_mels), persistent=False)
-        self.adaptor = SpeechAdaptor(self.hidden_size, self.d_llm, self.hp.stack, self.hp.hidden, self.hp.adaptor, self.hp.target_rms)
+        self.adaptor = SpeechAdaptor(self.hidden_size, self.d_llm, self.hp.stack, self.hp.hidden, self.hp.adaptor,
+                                     self.hp.target_rms, self.hp.layers, self.hp.heads)
         self._fingerprint: str | None = None
         _ = self.fingerprint  # now, while the encoder is on the CPU (DataLoader workers may not touch CUDA)
         self.set_trainable(encoder=False, adaptor=True)
@@ -228,7 +250,8 @@ class SpeechModality(Modality):
         x = hidden.to(w) * valid[..., None].to(w)  # padded rows must not leak into a block or conv window
         pad = -t % self.hp.stack
         x = F.pad(x, (0, 0, 0, pad))  # [B, T' + pad, H]
-        return self.adaptor(x), -(-lengths // self.hp.stack)
+        out_len = -(-lengths // self.hp.stack)
+        return self.adaptor(x, out_len), out_len
 
     # ------------------------------------------------------------------ encoder-output cache
     @property

@@ -15,7 +15,7 @@ D_LLM = 24
 
 def _make(**kw) -> SpeechModality:
     torch.manual_seed(0)
-    args = {"d_llm": D_LLM, "tiny": True, "stack": 3, "hidden": 20, **kw}
+    args = {"d_llm": D_LLM, "tiny": True, "stack": 3, "hidden": 20, "heads": 4, **kw}
     return SpeechModality(**args).eval()
 
 
@@ -30,7 +30,8 @@ def _chirp(seconds: float, seed: int = 0) -> torch.Tensor:
     return (0.3 * torch.sin(2 * torch.pi * (200 + 900 * t) * t) + 0.02 * torch.randn(t.shape, generator=g)).float()
 
 
-@pytest.mark.parametrize("adaptor,stack", [("mlp", 1), ("mlp", 3), ("mlp", 4), ("conv", 2), ("conv", 5)])
+@pytest.mark.parametrize("adaptor,stack", [("mlp", 1), ("mlp", 3), ("mlp", 4), ("conv", 2), ("conv", 5),
+                                           ("transformer", 1), ("transformer", 4)])
 def test_encode_lengths_match_output_length(adaptor: str, stack: int) -> None:
     m = _make(adaptor=adaptor, stack=stack)
     t_mels = [1, 2, 3, 7, 8, 9, 16, 31, 57]
@@ -44,7 +45,7 @@ def test_encode_lengths_match_output_length(adaptor: str, stack: int) -> None:
     assert emb.shape == (len(t_mels), max(n), D_LLM)
 
 
-@pytest.mark.parametrize("adaptor", ["mlp", "conv"])
+@pytest.mark.parametrize("adaptor", ["mlp", "conv", "transformer"])
 def test_padding_invariance(adaptor: str) -> None:
     """A clip encoded alone equals its valid frames when padded in a batch with a longer clip."""
     m = _make(adaptor=adaptor, stack=4)
@@ -79,7 +80,8 @@ def test_target_rms_sets_output_scale() -> None:
     torch.testing.assert_close(rms, torch.full_like(rms, 0.05), atol=1e-3, rtol=0)
 
 
-BAD = [{"stack": 0}, {"adaptor": "lstm"}, {"max_seconds": 31}, {"d_llm": 0}, {"target_rms": -1.0}, {"overlong": "skip"}]
+BAD = [{"stack": 0}, {"adaptor": "lstm"}, {"max_seconds": 31}, {"d_llm": 0}, {"target_rms": -1.0}, {"overlong": "skip"},
+       {"adaptor": "transformer", "heads": 3}, {"adaptor": "transformer", "layers": 0}]
 
 
 @pytest.mark.parametrize("bad", BAD)
