@@ -57,10 +57,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
 
     from llm.loader import load_llm
+    from llm.tokens import add_placeholder_tokens
     from modality.speech import SpeechModality
     from tasks.ctc import embedding_ctc_loss, greedy_ctc_decode
     from tasks.evaluate import wer
-    from llm.tokens import add_placeholder_tokens
 
     lm = load_llm(name="smollm2-135m-instruct")
     blank = add_placeholder_tokens(lm.tokenizer, lm.model, ["<speech>"])["<speech>"]
