@@ -63,7 +63,7 @@ def main() -> None:
     def step(batch, full_logits: bool = False):
         model.zero_grad(set_to_none=True)
         if full_logits:
-            embeds, _ = model.embed(batch)
+            embeds, _, _ = model.embed(batch)
             logits = model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100)
         else:

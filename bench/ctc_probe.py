@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--hidden", default="1024,512", help="adaptor width per kind, comma-separated")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--n-train", type=int, default=None)
     ap.add_argument("--n-eval", type=int, default=100)
@@ -68,9 +69,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     tok = lm.tokenizer
     root = Path(args.data)
     rows = []
-    for kind in args.kinds.split(","):
+    widths = [int(w) for w in args.hidden.split(",")]
+    for k, kind in enumerate(args.kinds.split(",")):
         torch.manual_seed(0)
-        sp = SpeechModality(d_llm=lm.hidden_size, target_rms=lm.embedding_rms, adaptor=kind, cache_dir=args.cache)
+        sp = SpeechModality(d_llm=lm.hidden_size, target_rms=lm.embedding_rms, adaptor=kind, cache_dir=args.cache,
+                            hidden=widths[min(k, len(widths) - 1)])
         if not rows:
             train = load_split(sp, root / "train.jsonl", args.n_train)
             held = load_split(sp, root / "eval.jsonl", args.n_eval)

@@ -170,12 +170,14 @@ class SpeechModality(Modality):
         tiny: bool | dict = False,
         layers: int = 2,
         heads: int = 8,
+        ctc_compress: bool = False,
     ):
         super().__init__()
         self.hp = SpeechHParams(int(d_llm), stack, adaptor, hidden, target_rms, max_seconds, overlong, layers, heads)
         self.save_hyperparameters()
         self.encoder_name = "tiny" if tiny else encoder_name
         self.cache_dir = cache_dir
+        self.ctc_compress = bool(ctc_compress)  # MultimodalLM drops CTC blanks and merges repeats (tasks.ctc)
         self.d_llm = self.hp.d_llm
         self.encoder = _load_encoder(encoder_name, tiny)
         cfg = self.encoder.config

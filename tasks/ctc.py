@@ -42,3 +42,31 @@ def greedy_ctc_decode(out: Tensor, lengths: Tensor, embedding_weight: Tensor, bl
             prev = t
         seqs.append(seq)
     return seqs
+
+
+def ctc_compress(out: Tensor, lengths: Tensor, embedding_weight: Tensor, blank_id: int) -> tuple[Tensor, Tensor]:
+    """CTC compression: drop positions whose nearest LLM embedding is the blank, average each run of one token.
+
+    out [n, N, D] adaptor output, lengths [n] -> (compressed [n, N, D] with each clip's k segment means first
+    and zeros after, k [n] >= 1). Gradients reach every kept position. Why: a CTC-trained adaptor says
+    'blank blank the blank cat cat ...'; the LLM reads the collapsed 'the cat' far more like text, and
+    the sequence it attends over is ~3x shorter.
+    """
+    n, N, D = out.shape
+    with torch.no_grad():
+        ids = (F.normalize(out.float(), dim=-1) @ F.normalize(embedding_weight.float(), dim=-1).T).argmax(-1)  # [n, N]
+        valid = torch.arange(N, device=out.device)[None, :] < lengths[:, None].to(out.device)
+        speak = valid & (ids != blank_id)                                   # [n, N] positions that emit a token
+        prev = F.pad(ids[:, :-1], (1, 0), value=-1)
+        prev_speak = F.pad(speak[:, :-1], (1, 0), value=False)
+        start = speak & ~(prev_speak & (prev == ids))                       # first position of each run
+        seg = start.long().cumsum(1) - 1                                    # [n, N] segment index per position
+        k = start.sum(1)
+        empty = k == 0                                                      # all blank: keep the clip as one mean vector
+        speak = speak | (empty[:, None] & valid)
+        seg = torch.where(empty[:, None], torch.zeros_like(seg), seg).clamp(min=0)
+        k = k.clamp(min=1)
+    w = speak.to(out.dtype)[..., None]                                      # [n, N, 1]
+    sums = out.new_zeros(n, N, D).scatter_add(1, seg[..., None].expand(-1, -1, D), out * w)
+    counts = out.new_zeros(n, N, 1).scatter_add(1, seg[..., None], w)
+    return sums / counts.clamp(min=1), k

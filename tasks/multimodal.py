@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from data.collate import IGNORE
 from llm.lora import LoraSpec, apply_lora, backbone_and_head
-from tasks.ctc import embedding_ctc_loss
+from tasks.ctc import ctc_compress, embedding_ctc_loss
 from tasks.merge import merge_embeddings, valid_rows
 from tasks.stages import StagePolicy, apply_stage
 
@@ -65,7 +65,7 @@ class MultimodalLM(L.LightningModule):
         """Frozen parts stay in eval mode (no dropout); Modality.train handles frozen encoders."""
         super().train(mode)
         if mode and not self.stage.lora:
-            if getattr(self.llm, "is_gradient_checkpointing", False):
+            if getattr(self.llm, "is_activation_checkpointing", getattr(self.llm, "is_gradient_checkpointing", False)):
                 # HF checkpoints only in training mode: keep it, but switch every dropout off instead
                 for m in self.llm.modules():
                     if isinstance(m, nn.Dropout):
@@ -78,9 +78,16 @@ class MultimodalLM(L.LightningModule):
         self.train()  # HF loads models in eval mode; Lightning keeps whatever mode it finds
 
     # ---------------------------------------------------------------- forward
-    def embed(self, batch: dict) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
-        """Text embeddings with every modality's adaptor output scattered into its placeholders."""
+    def embed(self, batch: dict) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]], Tensor]:
+        """Text embeddings with every modality's adaptor output scattered into its placeholders.
+
+        Returns (embeds [B, L, D], adaptor outputs per modality (uncompressed), attention mask [B, L]).
+        A modality with ``ctc_compress`` fills only the first k of its N placeholder slots per clip
+        (tasks.ctc.ctc_compress); the other N - k become holes the attention mask hides, so the
+        collator's N = output_length(T) contract holds and the LLM reads k positions.
+        """
         input_ids = batch["input_ids"]
+        attention_mask = batch["attention_mask"]
         embeds = self.llm.get_input_embeddings()(input_ids)  # [B, L, D]
         outs = {}
         for name, entry in batch["modal"].items():
@@ -90,21 +97,34 @@ class MultimodalLM(L.LightningModule):
             else:
                 out, lengths = m.encode(entry["values"], entry["mask"])
             outs[name] = (out, lengths)
-            embeds = merge_embeddings(embeds, input_ids == self.placeholder_ids[name], valid_rows(out, lengths))
-        return embeds, outs
+            slots = input_ids == self.placeholder_ids[name]
+            if getattr(m, "ctc_compress", False):
+                out, kept = ctc_compress(out, lengths, self.llm.get_input_embeddings().weight, self.placeholder_ids[name])
+                filler = valid_rows(torch.arange(out.shape[1], device=out.device).expand(out.shape[0], -1) >= kept[:, None],
+                                    lengths)  # [sum(lengths)] True on the slots left empty
+                holes = torch.zeros_like(slots)
+                holes[slots] = filler
+                attention_mask = attention_mask * ~holes
+            embeds = merge_embeddings(embeds, slots, valid_rows(out, lengths))
+        return embeds, outs, attention_mask
 
     def lm_loss(self, embeds: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-        """Next-token CE, with the LM head run only where there are labels (the head is ~20% of compute)."""
+        """Next-token CE, with the LM head run only where there are labels (the head is ~20% of compute).
+
+        Positions count attended tokens only, so holes left by compression do not shift them.
+        """
         backbone, head = backbone_and_head(self.llm)
-        hidden = backbone(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = backbone(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state
         targets = labels[:, 1:]                    # [B, L-1]
         keep = targets != IGNORE
         logits = head(hidden[:, :-1][keep]).float()  # [n_labels, V]
         return F.cross_entropy(logits, targets[keep])
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
-        embeds, outs = self.embed(batch)
-        loss = self.lm_loss(embeds, batch["attention_mask"], batch["labels"])
+        embeds, outs, attention_mask = self.embed(batch)
+        loss = self.lm_loss(embeds, attention_mask, batch["labels"])
         result = {"lm_loss": loss, "loss": loss}
         if self.ctc_weight > 0:
             table = self.llm.get_input_embeddings().weight
@@ -143,11 +163,11 @@ class MultimodalLM(L.LightningModule):
     @torch.no_grad()
     def generate(self, batch: dict, max_new_tokens: int = 64, **kwargs: Any) -> list[str]:
         """Greedy decoding from a left-padded prompt batch (collator with generate=True)."""
-        embeds, _ = self.embed(batch)
+        embeds, _, attention_mask = self.embed(batch)
         tok = self.tokenizer
         stop = [i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
                 if isinstance(i, int) and i >= 0 and i != tok.unk_token_id]
-        out = self.llm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+        out = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                 pad_token_id=tok.pad_token_id, eos_token_id=stop, use_cache=True, **kwargs)
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]

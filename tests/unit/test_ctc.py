@@ -1,6 +1,6 @@
 import torch
 
-from tasks.ctc import embedding_ctc_loss, greedy_ctc_decode
+from tasks.ctc import ctc_compress, embedding_ctc_loss, greedy_ctc_decode
 
 
 def test_ctc_prefers_outputs_that_spell_the_transcript():
@@ -25,3 +25,61 @@ def test_ctc_ignores_non_transcript_and_multi_clip_samples():
     loss = embedding_ctc_loss(out, torch.tensor([5, 5, 5]), owner, [[1, 2], [3, 4]], table, 0)
     loss.backward()
     assert out.grad[:2].abs().sum() == 0 and out.grad[2].abs().sum() > 0
+
+
+def test_ctc_compress_drops_blanks_and_averages_runs():
+    table = torch.eye(4)  # row 0 = blank
+    ids = torch.tensor([[0, 1, 1, 0, 2, 2, 2, 3, 1, 1], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0], [1, 0, 1, 1, 0, 0, 0, 0, 0, 0]])
+    out = (table[ids] * torch.arange(1, 11).float()[None, :, None]).requires_grad_()
+    comp, k = ctc_compress(out, torch.tensor([8, 5, 4]), table, 0)
+    assert k.tolist() == [3, 1, 2]  # 1 1 | 2 2 2 | 3 (past length ignored); all blank -> one mean; 1 _ 1 1 = two runs
+    assert torch.equal(comp[0, :3], torch.tensor([[0, 2.5, 0, 0], [0, 0, 6, 0], [0, 0, 0, 8]]))
+    assert (comp[0, 3:] == 0).all()
+    assert torch.equal(comp[1, 0], torch.tensor([3.0, 0, 0, 0]))  # mean of the 5 valid blank frames
+    assert torch.equal(comp[2, :2], torch.tensor([[0, 1.0, 0, 0], [0, 3.5, 0, 0]]))
+    comp.sum().backward()
+    assert out.grad[0, 0].sum() == 0 and out.grad[0, 1].sum() > 0 and out.grad[0, 8:].abs().sum() == 0
+
+
+def _without_holes(embeds, mask, holes, other, left: bool):
+    """Rebuild each row without its hole positions, re-padded on the same side: what compression means."""
+    rows = []
+    for e, m, h, o in zip(embeds, mask, holes, other):
+        keep = ~h
+        rows.append((e[keep], m[keep], o[keep]))
+    L = max(r[0].shape[0] for r in rows)
+    E, M, O = [], [], []
+    for e, m, o in rows:
+        p = L - e.shape[0]
+        pe, pm, po = e.new_zeros(p, e.shape[1]), m.new_zeros(p), o.new_full((p,), -100)
+        E.append(torch.cat([pe, e] if left else [e, pe]))
+        M.append(torch.cat([pm, m] if left else [m, pm]))
+        O.append(torch.cat([po, o] if left else [o, po]))
+    return torch.stack(E), torch.stack(M), torch.stack(O)
+
+
+def test_compressed_slots_are_holes_the_llm_never_sees(tiny_lm, toy_modality):
+    """Loss and greedy generation with holes == the same sequences built without them."""
+    from tests.unit.helpers import batch_for, build, toy_records
+
+    toy_modality.ctc_compress = True
+    model = build(tiny_lm, toy_modality, "instruct").eval()
+    with torch.no_grad():  # make runs of equal argmax: duplicate adaptor rows pairwise
+        w = model.llm.get_input_embeddings().weight
+        toy_modality.adaptor.weight.mul_(0.0)
+        toy_modality.adaptor.bias.copy_(w[5] * 3)
+    batch = batch_for(model, toy_records(4))
+    with torch.no_grad():
+        embeds, _, mask = model.embed(batch)
+        holes = batch["attention_mask"].bool() & ~mask.bool()
+        assert holes.sum(1).tolist() == [n - 1 for n in [2, 2, 3, 3]]  # every clip says token 5 throughout: k = 1
+        loss = model.lm_loss(embeds, mask, batch["labels"])
+        e2, m2, l2 = _without_holes(embeds, batch["attention_mask"], holes, batch["labels"], left=False)
+        torch.testing.assert_close(loss, model.lm_loss(e2, m2, l2))
+        gen = batch_for(model, toy_records(4), generate=True)
+        embeds, _, mask = model.embed(gen)
+        holes = gen["attention_mask"].bool() & ~mask.bool()
+        e2, m2, _ = _without_holes(embeds, gen["attention_mask"], holes, gen["input_ids"], left=True)
+        ref = model.llm.generate(inputs_embeds=e2, attention_mask=m2, max_new_tokens=6, do_sample=False,
+                                 pad_token_id=model.tokenizer.pad_token_id)
+    assert model.generate(gen, max_new_tokens=6) == [t.strip() for t in model.tokenizer.batch_decode(ref, skip_special_tokens=True)]

@@ -46,7 +46,7 @@ def test_loss_equals_full_logits_cross_entropy(tiny_lm, toy_modality):
     batch = batch_for(model, toy_records(3))
     with torch.no_grad():
         ours = model(batch)["loss"]
-        embeds, _ = model.embed(batch)
+        embeds, _, _ = model.embed(batch)
         logits = model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
         ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                 batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
