@@ -2,8 +2,9 @@
 PY ?= python3
 PIP ?= $(PY) -m pip
 OUT ?= outputs/demo
-DEMO_ALIGN_STEPS ?= 120
+DEMO_ALIGN_STEPS ?= 90
 DEMO_INSTRUCT_STEPS ?= 60
+DEMO_INSTRUCT_BATCH ?= 4
 APT_PACKAGES = espeak-ng sox libsndfile1 fortunes fortunes-min
 export PYTHONUNBUFFERED=1
 
@@ -25,9 +26,10 @@ data: install
 	$(PY) -m data.build_speech --out data_cache/speech --n-align 1200 --n-instruct 400 --jobs 2
 
 demo: data
-	$(PY) train.py stage=align modality=speech trainer.max_steps=$(DEMO_ALIGN_STEPS) paths.output_dir=$(OUT)/align
+	$(PY) train.py stage=align modality=speech trainer.max_steps=$(DEMO_ALIGN_STEPS) data.max_eval_samples=32 \
+	  paths.output_dir=$(OUT)/align
 	$(PY) train.py stage=instruct modality=speech trainer.max_steps=$(DEMO_INSTRUCT_STEPS) \
-	  init_from=$(OUT)/align paths.output_dir=$(OUT)/instruct
+	  data.batch_size=$(DEMO_INSTRUCT_BATCH) eval.before=false init_from=$(OUT)/align paths.output_dir=$(OUT)/instruct
 	$(PY) -m tasks.report $(OUT)/align $(OUT)/instruct
 
 test: install

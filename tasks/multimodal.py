@@ -65,7 +65,8 @@ class MultimodalLM(L.LightningModule):
         """Frozen parts stay in eval mode (no dropout); Modality.train handles frozen encoders."""
         super().train(mode)
         if mode and not self.stage.lora:
-            if getattr(self.llm, "is_activation_checkpointing", getattr(self.llm, "is_gradient_checkpointing", False)):
+            name = "is_activation_checkpointing" if hasattr(type(self.llm), "is_activation_checkpointing") else "is_gradient_checkpointing"
+            if getattr(self.llm, name, False):
                 # HF checkpoints only in training mode: keep it, but switch every dropout off instead
                 for m in self.llm.modules():
                     if isinstance(m, nn.Dropout):
