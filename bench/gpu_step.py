@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from llm.loader import enable_checkpointing  # noqa: E402
 from llm.shapes import KNOWN, EncoderShape, ModelShape  # noqa: E402
 
 H100_BF16_DENSE = 989e12
@@ -277,10 +278,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for setting in wanted:
             ckpt = setting.endswith("+ckpt")
             llm = model.llm.get_base_model()
-            if ckpt:
-                llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                llm.gradient_checkpointing_disable()
+            enable_checkpointing(llm, ckpt)
             row = {"setting": setting, "quant": quant, "checkpointing": ckpt}
             for name, fn in (("mmlm", run_mmlm), ("plain", run_plain)):
                 r = fn(model, batch, b)

@@ -130,6 +130,17 @@ def load_llm(name: str = "smollm2-135m-instruct", dtype: str = "float32", quant:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     model.requires_grad_(False)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.config.use_cache = False
     return LanguageModel(model=model, tokenizer=tokenizer, name=f"{name}:tiny" if tiny is not None else name)
+
+
+def enable_checkpointing(model: Any, on: bool = True) -> None:
+    """Non-reentrant activation checkpointing on/off under the names this transformers version uses (v5 renamed them)."""
+    v5 = hasattr(model, "activation_checkpointing_enable")
+    if not on:
+        (model.activation_checkpointing_disable if v5 else model.gradient_checkpointing_disable)()
+    elif v5:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
