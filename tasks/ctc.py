@@ -30,9 +30,14 @@ def embedding_ctc_loss(out: Tensor, lengths: Tensor, sample_index: Tensor, targe
                       reduction="mean", zero_infinity=True)
 
 
+def nearest_rows(out: Tensor, embedding_weight: Tensor) -> Tensor:
+    """out [..., D] -> index [...] of the embedding row with the highest cosine similarity (what a position 'says')."""
+    return (F.normalize(out.float(), dim=-1) @ F.normalize(embedding_weight.float(), dim=-1).T).argmax(-1)
+
+
 def greedy_ctc_decode(out: Tensor, lengths: Tensor, embedding_weight: Tensor, blank_id: int) -> list[list[int]]:
     """Collapse repeats and drop blanks: a cheap readout of what the adaptor 'says' per position."""
-    ids = (F.normalize(out.float(), dim=-1) @ F.normalize(embedding_weight.float(), dim=-1).T).argmax(-1)
+    ids = nearest_rows(out, embedding_weight)
     seqs = []
     for row, n in zip(ids, lengths):
         prev, seq = None, []
@@ -54,7 +59,7 @@ def ctc_compress(out: Tensor, lengths: Tensor, embedding_weight: Tensor, blank_i
     """
     n, N, D = out.shape
     with torch.no_grad():
-        ids = (F.normalize(out.float(), dim=-1) @ F.normalize(embedding_weight.float(), dim=-1).T).argmax(-1)  # [n, N]
+        ids = nearest_rows(out, embedding_weight)                          # [n, N]
         valid = torch.arange(N, device=out.device)[None, :] < lengths[:, None].to(out.device)
         speak = valid & (ids != blank_id)                                   # [n, N] positions that emit a token
         prev = F.pad(ids[:, :-1], (1, 0), value=-1)
