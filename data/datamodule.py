@@ -33,7 +33,7 @@ class ConversationDataModule(L.LightningDataModule):
                  num_workers: int = 0, max_length: int = 1024, skip_bad: bool = False,
                  max_train_samples: int | None = None, max_val_samples: int | None = 64,
                  max_eval_samples: int | None = None, sort_by_length: bool = False, seed: int = 0,
-                 eval_manifest: str | None = None, prepare: Any = None):
+                 eval_manifest: str | None = None, prepare: Any = None, system_prompt: str | None = None):
         super().__init__()
         self.tokenizer, self.modalities, self.placeholder_ids = tokenizer, modalities, placeholder_ids
         self.files = {"train": _as_list(train_files), "val": _as_list(val_files),
@@ -42,6 +42,7 @@ class ConversationDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.max_length, self.skip_bad = num_workers, max_length, skip_bad
         self.sort_by_length, self.seed = sort_by_length, seed
+        self.system_prompt = system_prompt  # None: the chat template's own default system turn
         self.prepare = prepare  # optional callable(list[Path]) that builds missing data files
         self._records: dict[str, list[dict]] = {}
 
@@ -65,7 +66,7 @@ class ConversationDataModule(L.LightningDataModule):
         return self._records[split]
 
     def _loader(self, split: str, generate: bool = False, shuffle: bool = False) -> DataLoader:
-        ds = ConversationDataset(self.records(split), self.modalities, self.skip_bad)
+        ds = ConversationDataset(self.records(split), self.modalities, self.skip_bad, self.system_prompt)
         collate = ConversationCollator(self.tokenizer, self.modalities, self.placeholder_ids,
                                        self.max_length, generate=generate)
         bs = self.eval_batch_size if generate or split != "train" else self.batch_size

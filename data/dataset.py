@@ -18,12 +18,17 @@ class ConversationDataset(Dataset):
     With ``skip_bad=True`` a sample whose input fails to load comes back as
     ``{"skipped": id, "error": msg}``; the collator drops it and the batch reports it, so every
     skip is counted (also across DataLoader workers). Otherwise the error propagates.
+    ``system_prompt`` (when not None) becomes the system turn of records that have none, which
+    replaces a chat template's default one ("" keeps just the empty turn: SmolLM2's default is
+    16 tokens, ~20% of an align sample).
     """
 
-    def __init__(self, records: list[dict], modalities: dict[str, Any], skip_bad: bool = False):
+    def __init__(self, records: list[dict], modalities: dict[str, Any], skip_bad: bool = False,
+                 system_prompt: str | None = None):
         self.records = records
         self.modalities = modalities
         self.skip_bad = skip_bad
+        self.system_prompt = system_prompt
 
     def __len__(self) -> int:
         return len(self.records)
@@ -40,7 +45,10 @@ class ConversationDataset(Dataset):
                     if kinds.setdefault(name, kind) != kind:
                         raise ValueError(f"{rec['where']}: mixed input kinds for {name}")
                     inputs.setdefault(name, []).append(tensor)
-            return {"id": rec["id"], "where": rec.get("where", rec["id"]), "messages": to_messages(rec),
+            messages = to_messages(rec)
+            if self.system_prompt is not None and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": self.system_prompt}] + messages
+            return {"id": rec["id"], "where": rec.get("where", rec["id"]), "messages": messages,
                     "inputs": inputs, "kinds": kinds, "type": rec.get("type", "chat"),
                     "reference": rec.get("reference")}
         except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -49,10 +51,15 @@ class RunStats(L.Callback):
 
 
 class PeriodicEval(L.Callback):
-    """Generate on a held-out loader every N steps: the learning curve (step, seconds, metrics)."""
+    """Generate on a held-out loader every N steps: the learning curve (step, seconds, metrics).
 
-    def __init__(self, loader: Any, every_n_steps: int, max_new_tokens: int):
+    With ``path`` each point is also appended to a JSONL file as it is measured, so a run stopped
+    early (a killed job, a SLURM time limit) keeps its curve.
+    """
+
+    def __init__(self, loader: Any, every_n_steps: int, max_new_tokens: int, path: str | Path | None = None):
         self.loader, self.every, self.max_new_tokens = loader, every_n_steps, max_new_tokens
+        self.path = Path(path) if path is not None else None
         self.curve: list[dict[str, Any]] = []
         self.t0 = 0.0
 
@@ -73,6 +80,9 @@ class PeriodicEval(L.Callback):
         self.t0 += time.perf_counter() - t  # the curve's clock counts training time only
         point = {"step": step, "train_seconds": round(time.perf_counter() - self.t0, 1), **metrics}
         self.curve.append(point)
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(point, default=str) + "\n")
         for k, v in metrics.items():
             if isinstance(v, (int, float)):
                 pl_module.log(f"curve/{k}", float(v), rank_zero_only=True)

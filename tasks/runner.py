@@ -149,7 +149,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     stats = RunStats()
     extra: list[L.Callback] = []
     if eval_loader is not None and ev.get("every_n_steps"):
-        curve = PeriodicEval(eval_loader, int(ev.every_n_steps), ev.get("max_new_tokens", 64))
+        curve = PeriodicEval(eval_loader, int(ev.every_n_steps), ev.get("max_new_tokens", 64), out / "curve.jsonl")
         extra.append(curve)
     meta = {"stage": policy.name, "llm": lm.name, "modalities": list(modalities),
             "parent": str(chain[0]) if chain else None, "lora": OmegaConf.to_container(cfg.llm.lora) if policy.lora else None}

@@ -30,7 +30,7 @@ def cfg_for(overrides: list[str]):
 def runs(speech_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     c = speech_corpus
-    align = run(cfg_for(TINY + ["stage=align", "trainer.max_steps=4", f"paths.output_dir={out}/align",
+    align = run(cfg_for(TINY + ["stage=align", "trainer.max_steps=4", "eval.every_n_steps=2", f"paths.output_dir={out}/align",
                                 f"data.train_files={c}/train.jsonl", f"data.val_files={c}/val.jsonl",
                                 f"data.eval_files={c}/eval.jsonl"]))
     instruct = run(cfg_for(TINY + ["stage=instruct", "trainer.max_steps=3", f"paths.output_dir={out}/instruct",
@@ -49,6 +49,14 @@ def test_metrics_json_contract(runs):
     assert align["steps"] == 4 and "wer" in align and "before/wer" in align
     assert instruct["steps"] == 3 and "accuracy" in instruct
     assert instruct["trainable_params"] > align["trainable_params"]  # + LoRA
+
+
+def test_learning_curve_in_metrics_and_written_as_measured(runs):
+    out, align, _ = runs
+    assert [p["step"] for p in align["curve"]] == [2, 4]
+    assert all("wer" in p and p["train_seconds"] >= 0 for p in align["curve"])
+    lines = [json.loads(x) for x in (out / "align" / "curve.jsonl").read_text().splitlines()]
+    assert lines == json.loads(json.dumps(align["curve"]))  # the file survives a run killed mid-way
 
 
 def test_checkpoint_holds_only_what_trains(runs):

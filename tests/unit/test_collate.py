@@ -75,3 +75,17 @@ def test_expand_placeholders_unit():
     ids, labels = expand_placeholders([1, 9, 2, 9], [-100, -100, 5, -100], {9: [2, 3]}, "s")
     assert ids == [1, 9, 9, 2, 9, 9, 9]
     assert labels == [-100, -100, -100, 5, -100, -100, -100]
+
+
+def test_system_prompt_replaces_template_default_but_not_a_records_own(setup):
+    lm, toy, pids = setup
+    own = rec(1, ["3"], "<toy> hi", "ans")
+    own["conversations"].insert(0, {"from": "system", "value": "Be brief."})
+    records = [rec(0, ["3"], "<toy> hi", "ans"), own]
+    plain = ConversationDataset(records, {"toy": toy})
+    short = ConversationDataset(records, {"toy": toy}, system_prompt="You hear audio.")
+    assert plain[0]["messages"][0]["role"] == "user"
+    assert short[0]["messages"][0] == {"role": "system", "content": "You hear audio."}
+    assert short[1]["messages"] == plain[1]["messages"]  # a record's own system turn wins
+    text = lm.tokenizer.decode(ConversationCollator(lm.tokenizer, {"toy": toy}, pids)([short[0]])["input_ids"][0])
+    assert "You hear audio." in text and text.index("You hear audio.") < text.index("hi")
