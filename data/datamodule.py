@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from data.collate import ConversationCollator
 from data.dataset import ConversationDataset
 from data.records import read_records
+from data.samplers import LengthGroupedSampler, record_length
 
 
 def _as_list(files: str | list[str] | None) -> list[str]:
@@ -24,7 +25,8 @@ class ConversationDataModule(L.LightningDataModule):
     """Reads record files (LLaVA JSON/JSONL or NeMo manifests) for train / val / eval.
 
     ``tokenizer``, ``modalities`` and ``placeholder_ids`` come from the runner at build time;
-    everything else is plain configuration.
+    everything else is plain configuration. ``group_by_length`` batches training records of
+    similar estimated length (data/samplers.py): less padding, the same samples.
     """
 
     def __init__(self, tokenizer: Any, modalities: dict[str, Any], placeholder_ids: dict[str, int],
@@ -32,7 +34,7 @@ class ConversationDataModule(L.LightningDataModule):
                  eval_files: str | list[str] | None = None, batch_size: int = 8, eval_batch_size: int = 8,
                  num_workers: int = 0, max_length: int = 1024, skip_bad: bool = False,
                  max_train_samples: int | None = None, max_val_samples: int | None = 64,
-                 max_eval_samples: int | None = None, sort_by_length: bool = False, seed: int = 0,
+                 max_eval_samples: int | None = None, group_by_length: bool = False, seed: int = 0,
                  eval_manifest: str | None = None, prepare: Any = None, system_prompt: str | None = None):
         super().__init__()
         self.tokenizer, self.modalities, self.placeholder_ids = tokenizer, modalities, placeholder_ids
@@ -41,7 +43,7 @@ class ConversationDataModule(L.LightningDataModule):
         self.limits = {"train": max_train_samples, "val": max_val_samples, "eval": max_eval_samples}
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.max_length, self.skip_bad = num_workers, max_length, skip_bad
-        self.sort_by_length, self.seed = sort_by_length, seed
+        self.group_by_length, self.seed = group_by_length, seed
         self.system_prompt = system_prompt  # None: the chat template's own default system turn
         self.prepare = prepare  # optional callable(list[Path]) that builds missing data files
         self._records: dict[str, list[dict]] = {}
@@ -70,7 +72,11 @@ class ConversationDataModule(L.LightningDataModule):
         collate = ConversationCollator(self.tokenizer, self.modalities, self.placeholder_ids,
                                        self.max_length, generate=generate)
         bs = self.eval_batch_size if generate or split != "train" else self.batch_size
-        return DataLoader(ds, batch_size=bs, shuffle=shuffle, collate_fn=collate,
+        sampler = None
+        if shuffle and self.group_by_length:  # similar lengths per batch: less padding (data/samplers.py)
+            sampler = LengthGroupedSampler([record_length(r) for r in self.records(split)], bs, self.seed)
+            shuffle = False
+        return DataLoader(ds, batch_size=bs, shuffle=shuffle, sampler=sampler, collate_fn=collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

@@ -58,6 +58,7 @@ class MultimodalLM(L.LightningModule):
         self.ctc_weight = ctc_weight
         self.llm_name = llm_name
         apply_stage(self.llm, self.modalities, stage)
+        self.ctc_vocab: Tensor | None = None  # set_ctc_vocab(): CTC over the corpus's tokens only
         self.strict_loading = False  # checkpoints hold only what trains
         self.skipped: list[tuple[str, str]] = []
 
@@ -74,6 +75,10 @@ class MultimodalLM(L.LightningModule):
             else:
                 self.llm.eval()
         return self
+
+    def set_ctc_vocab(self, vocab: Tensor | None) -> None:
+        """Restrict the auxiliary CTC classes (tasks.ctc.corpus_vocab); None: the whole LLM vocabulary."""
+        self.ctc_vocab = vocab
 
     def on_fit_start(self) -> None:
         self.train()  # HF loads models in eval mode; Lightning keeps whatever mode it finds
@@ -131,7 +136,8 @@ class MultimodalLM(L.LightningModule):
             table = self.llm.get_input_embeddings().weight
             for name, (out, lengths) in outs.items():
                 ctc = embedding_ctc_loss(out, lengths, batch["modal"][name]["sample_index"].to(out.device),
-                                         batch["ctc_targets"], table, self.placeholder_ids[name])
+                                         batch["ctc_targets"], table, self.placeholder_ids[name],
+                                         vocab=self.ctc_vocab)
                 if ctc is not None:
                     result[f"ctc_{name}"] = ctc
                     result["loss"] = result["loss"] + self.ctc_weight * ctc

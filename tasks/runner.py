@@ -131,6 +131,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     dm = instantiate(cfg.data, tokenizer=lm.tokenizer, modalities=modalities, placeholder_ids=model.placeholder_ids)
     dm.prepare_data()
     _precompute_caches(dm, modalities)
+    if model.ctc_weight > 0 and cfg.stage.get("ctc_vocab", "full") == "corpus":
+        model.set_ctc_vocab(_corpus_ctc_vocab(dm, lm.tokenizer, list(model.placeholder_ids.values())))
     metrics: dict[str, Any] = {"stage": policy.name, "modality": modality.name, "llm": lm.name,
                                "init_from": [str(p) for p in chain]}
     ev = cfg.get("eval", {})
@@ -183,6 +185,18 @@ def _precompute_caches(dm: Any, modalities: dict[str, Any]) -> None:
                     refs[str(m.resolve(ref, rec.get("root")))] = None
         counts = m.precompute_cache(list(refs))
         log.info("%s encoder cache: %s", name, counts)
+
+
+def _corpus_ctc_vocab(dm: Any, tokenizer: Any, blank_ids: list[int]) -> torch.Tensor:
+    """The tokens of every train/val transcript (+ blanks): stage.ctc_vocab=corpus."""
+    from data.collate import ctc_target
+    from tasks.ctc import corpus_vocab
+
+    targets = [t for split in ("train", "val") if dm.files[split] for r in dm.records(split)
+               if (t := ctc_target(tokenizer, r))]
+    vocab = corpus_vocab(targets, blank_ids)
+    log.info("CTC over the corpus vocabulary: %d of %d tokens", len(vocab), len(tokenizer))
+    return vocab
 
 
 def _write_metrics(out: Path, metrics: dict[str, Any]) -> dict[str, Any]:

@@ -134,3 +134,19 @@ def test_encoder_cache_is_built_up_front_and_matches_live_encoding(speech_corpus
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == n_clips
     # fp16 cache vs live fp32 encoder: the same training trajectory up to rounding
     assert abs(live["first_loss"] - cached["first_loss"]) < 1e-2
+
+
+def test_align_long_recipe_options_run_through_the_runner(speech_corpus, tmp_path, caplog):
+    """CTC over the corpus vocabulary + length-grouped batches + an empty system turn, end to end."""
+    import logging
+
+    c = speech_corpus
+    with caplog.at_level(logging.INFO, logger="tasks.runner"):
+        m = run(cfg_for(TINY + ["stage=align", "trainer.max_steps=2", "stage.ctc_weight=0.5", "stage.ctc_vocab=corpus",
+                                "data.group_by_length=true", "data.system_prompt=''", "eval.max_new_tokens=2", "trainer.log_every_n_steps=1",
+                                f"paths.output_dir={tmp_path}", f"data.train_files={c}/train.jsonl",
+                                f"data.val_files={c}/val.jsonl", f"data.eval_files={c}/eval.jsonl"]))
+    assert m["steps"] == 2 and m["first_loss"] > 0
+    assert any("CTC over the corpus vocabulary" in r.getMessage() for r in caplog.records)
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
+    assert "train/ctc_speech" in header  # the CTC term was computed (a transcript corpus)

@@ -1,6 +1,6 @@
 import torch
 
-from tasks.ctc import ctc_compress, embedding_ctc_loss, greedy_ctc_decode
+from tasks.ctc import corpus_vocab, ctc_compress, embedding_ctc_loss, greedy_ctc_decode
 
 
 def test_ctc_prefers_outputs_that_spell_the_transcript():
@@ -25,6 +25,26 @@ def test_ctc_ignores_non_transcript_and_multi_clip_samples():
     loss = embedding_ctc_loss(out, torch.tensor([5, 5, 5]), owner, [[1, 2], [3, 4]], table, 0)
     loss.backward()
     assert out.grad[:2].abs().sum() == 0 and out.grad[2].abs().sum() > 0
+
+
+def test_restricted_vocab_is_ctc_over_those_rows_with_remapped_targets():
+    torch.manual_seed(0)
+    table = torch.randn(30, 8)
+    out = torch.randn(3, 6, 8)
+    lengths, owner = torch.tensor([6, 5, 6]), torch.tensor([0, 1, 2])
+    targets = [[4, 9, 9], [17], [4, 25]]
+    vocab = corpus_vocab(targets, [2])
+    assert vocab.tolist() == [2, 4, 9, 17, 25]
+    got = embedding_ctc_loss(out, lengths, owner, targets, table, 2, vocab=vocab)
+    remapped = [[1, 2, 2], [3], [1, 4]]  # positions in vocab; blank 2 -> 0
+    want = embedding_ctc_loss(out, lengths, owner, remapped, table[vocab], 0)
+    assert torch.allclose(got, want)
+    full = embedding_ctc_loss(out, lengths, owner, targets, table, 2)
+    assert not torch.allclose(got, full)  # fewer competing classes: a different (cheaper) loss
+    # a target token outside the vocabulary leaves that sample out instead of mislabelling it
+    got2 = embedding_ctc_loss(out, lengths, owner, [[4, 9, 9], [17, 11], [4, 25]], table, 2, vocab=vocab)
+    want2 = embedding_ctc_loss(out[[0, 2]], lengths[[0, 2]], torch.tensor([0, 1]), [remapped[0], remapped[2]], table[vocab], 0)
+    assert torch.allclose(got2, want2)
 
 
 def test_ctc_compress_drops_blanks_and_averages_runs():
