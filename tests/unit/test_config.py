@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 COMBOS = [("align", "speech"), ("instruct", "speech"), ("evaluate", "speech"),
+          ("align", "speech_units"), ("instruct", "speech_units"), ("evaluate", "speech_units"),
           ("forecast", "stock"), ("align", "stock"), ("instruct", "stock"), ("evaluate", "stock")]
 
 
