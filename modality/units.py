@@ -133,7 +133,8 @@ class SpeechUnitsModality(Modality):
 
     ``codebook`` is a safetensors file of centroids; when it does not exist it is fitted once on
     ``fit_clips`` clips of ``fit_manifest`` (a NeMo manifest) and saved there. ``cache_dir`` keeps
-    each clip's token ids (and, below it, the encoder outputs used to fit and tokenise).
+    each clip's token ids (and, below it, the encoder outputs used to fit and tokenise, unless
+    ``encoder_cache_dir`` names another folder: the continuous path's cache is the same format).
     """
 
     name = "speech"
@@ -144,7 +145,7 @@ class SpeechUnitsModality(Modality):
                  unit_stack: int = 2, prosody_every: float = 0.2, dedup: bool = True, f0_min: float = 60.0,
                  f0_max: float = 400.0, energy_floor: float = -60.0, target_rms: float | None = None,
                  max_seconds: float = 30.0, overlong: str = "error", cache_dir: str | None = None,
-                 tiny: bool | dict = False):
+                 encoder_cache_dir: str | None = None, tiny: bool | dict = False):
         super().__init__()
         self.hp = UnitsHParams(int(d_llm), n_units, pitch_bins, energy_bins, unit_stack, prosody_every, dedup,
                                f0_min, f0_max, energy_floor, target_rms)
@@ -152,8 +153,9 @@ class SpeechUnitsModality(Modality):
         self.d_llm, self.cache_dir = self.hp.d_llm, cache_dir
         # The Whisper front end lives outside the module tree: it only ever runs data-side (CPU, frozen),
         # so it is never moved to a device, sharded, counted as a model parameter or checkpointed.
+        enc_cache = encoder_cache_dir or (str(Path(cache_dir) / "encoder") if cache_dir else None)
         front = SpeechModality(d_llm=1, hidden=1, encoder_name=encoder_name, tiny=tiny, max_seconds=max_seconds,
-                               overlong=overlong, cache_dir=str(Path(cache_dir) / "encoder") if cache_dir else None)
+                               overlong=overlong, cache_dir=enc_cache)
         object.__setattr__(self, "front", front.eval())
         self.encoder = nn.Module()  # holds the frozen codebook (a buffer; no parameters)
         self.encoder.register_buffer("centroids", self._codebook(Path(codebook), fit_manifest, fit_clips))

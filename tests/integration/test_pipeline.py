@@ -150,3 +150,27 @@ def test_align_long_recipe_options_run_through_the_runner(speech_corpus, tmp_pat
     assert any("CTC over the corpus vocabulary" in r.getMessage() for r in caplog.records)
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
     assert "train/ctc_speech" in header  # the CTC term was computed (a transcript corpus)
+
+
+def test_discrete_units_path_aligns_then_instructs_through_the_runner(speech_corpus, tmp_path):
+    """modality=speech_units: codebook fitted on first use, ids cached, align -> instruct hand-off."""
+    c = speech_corpus
+    units = ["modality=speech_units", "modality.tiny=true", "modality.n_units=16", "modality.fit_clips=20",
+             f"modality.codebook={tmp_path}/cb.safetensors", f"modality.fit_manifest={c}/train.jsonl",
+             f"modality.cache_dir={tmp_path}/units", "modality.encoder_cache_dir=null"]
+    align = run(cfg_for(TINY + units + ["stage=align", "trainer.max_steps=2", "eval.before=false",
+                                        f"paths.output_dir={tmp_path}/align", f"data.train_files={c}/train.jsonl",
+                                        f"data.val_files={c}/val.jsonl", f"data.eval_files={c}/eval.jsonl"]))
+    assert (tmp_path / "cb.safetensors").is_file() and any((tmp_path / "units" / "ids").rglob("*.safetensors"))
+    assert align["steps"] == 2 and "wer" in align
+    ckpt = torch.load(tmp_path / "align" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert list(ckpt["state_dict"]) == ["modalities.speech.adaptor.weight"]  # the new rows, nothing else
+    instruct = run(cfg_for(TINY + units + ["stage=instruct", "trainer.max_steps=1", "eval.before=false",
+                                           f"paths.output_dir={tmp_path}/instruct", f"init_from={tmp_path}/align",
+                                           f"data.train_files={c}/instruct_train.json",
+                                           f"data.eval_files={c}/instruct_eval.json"]))
+    assert instruct["steps"] == 1 and "accuracy" in instruct
+    # a continuous-speech run cannot start from the units checkpoint: its weights do not fit
+    with pytest.raises(ValueError, match="weight\\(s\\) this model lacks"):
+        run(cfg_for(TINY + ["stage=instruct", "trainer.max_steps=1", f"paths.output_dir={tmp_path}/x",
+                            f"init_from={tmp_path}/align", f"data.train_files={c}/instruct_train.json"]))
