@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llm.lora import LoraSpec
 from llm.tokens import add_placeholder_tokens
@@ -119,6 +119,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     lora = LoraSpec(**(lora_meta or OmegaConf.to_container(cfg.llm.lora)))
     if policy.name == "evaluate":  # evaluate what the chain trained, nothing more
         policy = StagePolicy("evaluate", encoder=False, adaptor=False, lora=bool(lora_meta))
+        inherited = next((m["system_prompt"] for m in metas if m.get("system_prompt") is not None), None)
+        if cfg.data.get("system_prompt") is None and inherited is not None:
+            with open_dict(cfg):  # prompt the way the run was trained (data.system_prompt overrides)
+                cfg.data.system_prompt = inherited
     placeholder_ids = add_placeholder_tokens(lm.tokenizer, lm.model, [m.placeholder for m in modalities.values()])
     optim = OptimSpec(**OmegaConf.to_container(cfg.stage.optim)) if "optim" in cfg.stage else OptimSpec()
     model = MultimodalLM(lm.model, lm.tokenizer, modalities, {k: placeholder_ids[m.placeholder] for k, m in modalities.items()},
@@ -134,7 +138,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if model.ctc_weight > 0 and cfg.stage.get("ctc_vocab", "full") == "corpus":
         model.set_ctc_vocab(_corpus_ctc_vocab(dm, lm.tokenizer, list(model.placeholder_ids.values())))
     metrics: dict[str, Any] = {"stage": policy.name, "modality": modality.name, "llm": lm.name,
-                               "init_from": [str(p) for p in chain]}
+                               "init_from": [str(p) for p in chain], "system_prompt": cfg.data.get("system_prompt")}
     ev = cfg.get("eval", {})
     eval_loader = dm.eval_dataloader()
     if policy.name == "evaluate":
@@ -154,7 +158,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         curve = PeriodicEval(eval_loader, int(ev.every_n_steps), ev.get("max_new_tokens", 64), out / "curve.jsonl")
         extra.append(curve)
     meta = {"stage": policy.name, "llm": lm.name, "modalities": list(modalities),
-            "parent": str(chain[0]) if chain else None, "lora": OmegaConf.to_container(cfg.llm.lora) if policy.lora else None}
+            "parent": str(chain[0]) if chain else None, "lora": OmegaConf.to_container(cfg.llm.lora) if policy.lora else None,
+            "system_prompt": cfg.data.get("system_prompt")}
     trainer = build_trainer(cfg, out, [stats, TrainableOnlyCheckpoint(meta), *extra])
     trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("resume"))
     metrics.update(stats.summary(trainer, model))

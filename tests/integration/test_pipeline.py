@@ -150,6 +150,10 @@ def test_align_long_recipe_options_run_through_the_runner(speech_corpus, tmp_pat
     assert any("CTC over the corpus vocabulary" in r.getMessage() for r in caplog.records)
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
     assert "train/ctc_speech" in header  # the CTC term was computed (a transcript corpus)
+    assert m["system_prompt"] == ""
+    ev = run(cfg_for(TINY + ["stage=evaluate", f"init_from={tmp_path}", f"paths.output_dir={tmp_path}/ev",
+                             f"data.eval_manifest={c}/eval.jsonl", "data.max_eval_samples=2", "eval.max_new_tokens=2"]))
+    assert ev["system_prompt"] == ""  # evaluate prompts the way the run was trained
 
 
 def test_discrete_units_path_aligns_then_instructs_through_the_runner(speech_corpus, tmp_path):
