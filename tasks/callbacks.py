@@ -86,3 +86,27 @@ class PeriodicEval(L.Callback):
         for k, v in metrics.items():
             if isinstance(v, (int, float)):
                 pl_module.log(f"curve/{k}", float(v), rank_zero_only=True)
+
+
+class StopFile(L.Callback):
+    """``touch <output_dir>/STOP`` ends a run cleanly after the current step: the last checkpoint,
+    the final evaluation and metrics.json are written as if max_steps had been reached.
+
+    Why: a cluster time limit or a shared machine needs a run to end early without losing its
+    results (a kill loses metrics.json; SIGTERM raises in Lightning). A STOP file older than this
+    run's start is left from an earlier run and ignored.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.t0 = 0.0
+        self.stopped_at: int | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.t0 = time.time()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if self.stopped_at is None and self.path.is_file() and self.path.stat().st_mtime >= self.t0:
+            self.stopped_at = trainer.global_step
+            trainer.should_stop = True

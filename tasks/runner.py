@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llm.lora import LoraSpec
 from llm.tokens import add_placeholder_tokens
-from tasks.callbacks import PeriodicEval, RunStats
+from tasks.callbacks import PeriodicEval, RunStats, StopFile
 from tasks.checkpoint import META_KEY, TrainableOnlyCheckpoint, load_chain, read_checkpoint, resolve_checkpoint
 from tasks.evaluate import run_generation
 from tasks.multimodal import MultimodalLM, OptimSpec
@@ -160,9 +160,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     meta = {"stage": policy.name, "llm": lm.name, "modalities": list(modalities),
             "parent": str(chain[0]) if chain else None, "lora": OmegaConf.to_container(cfg.llm.lora) if policy.lora else None,
             "system_prompt": cfg.data.get("system_prompt")}
-    trainer = build_trainer(cfg, out, [stats, TrainableOnlyCheckpoint(meta), *extra])
+    stop = StopFile(out / "STOP")
+    trainer = build_trainer(cfg, out, [stats, TrainableOnlyCheckpoint(meta), stop, *extra])
     trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("resume"))
     metrics.update(stats.summary(trainer, model))
+    if stop.stopped_at is not None:  # by <output_dir>/STOP: last.ckpt must hold the step it stopped at
+        metrics["stopped_early_at"] = stop.stopped_at
+        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")
     for cb in extra:
         metrics["curve"] = cb.curve
     metrics["skipped_samples"] = len(model.skipped)

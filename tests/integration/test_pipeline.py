@@ -178,3 +178,24 @@ def test_discrete_units_path_aligns_then_instructs_through_the_runner(speech_cor
     with pytest.raises(ValueError, match="weight\\(s\\) this model lacks"):
         run(cfg_for(TINY + ["stage=instruct", "trainer.max_steps=1", f"paths.output_dir={tmp_path}/x",
                             f"init_from={tmp_path}/align", f"data.train_files={c}/instruct_train.json"]))
+
+
+def test_stop_file_ends_a_run_with_checkpoint_eval_and_metrics(speech_corpus, tmp_path, monkeypatch):
+    import tasks.runner as runner
+    from tasks.callbacks import StopFile
+
+    class TouchAfterFirstStep(StopFile):  # stands in for a user's `touch <output_dir>/STOP`
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 1:
+                self.path.touch()
+            super().on_train_batch_end(trainer, *args)
+
+    monkeypatch.setattr(runner, "StopFile", TouchAfterFirstStep)
+    c = speech_corpus
+    m = run(cfg_for(TINY + ["stage=align", "trainer.max_steps=50", "eval.before=false", f"paths.output_dir={tmp_path}",
+                            f"data.train_files={c}/train.jsonl", f"data.val_files={c}/val.jsonl",
+                            f"data.eval_files={c}/eval.jsonl", "data.max_eval_samples=2"]))
+    assert m["steps"] == 1 and m["stopped_early_at"] == 1 and "wer" in m
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 1 and all(k.startswith("modalities.speech.adaptor.") for k in ckpt["state_dict"])
+    assert json.loads((tmp_path / "metrics.json").read_text())["stopped_early_at"] == 1

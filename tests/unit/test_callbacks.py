@@ -1,0 +1,54 @@
+import os
+import time
+
+import lightning as L
+import torch
+from torch import nn
+
+from tasks.callbacks import StopFile
+
+
+class Tiny(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.w(batch).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.randn(64, 2), batch_size=2)
+
+
+class TouchAt(L.Callback):
+    def __init__(self, path, step):
+        self.path, self.step = path, step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            self.path.touch()
+
+
+def fit(callbacks, max_steps=20):
+    trainer = L.Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(Tiny())
+    return trainer
+
+
+def test_stop_file_ends_the_run_after_the_current_step(tmp_path):
+    stop = StopFile(tmp_path / "STOP")
+    trainer = fit([TouchAt(tmp_path / "STOP", 3), stop])
+    assert trainer.global_step == 3 and stop.stopped_at == 3
+
+
+def test_a_stale_stop_file_from_an_earlier_run_is_ignored(tmp_path):
+    (tmp_path / "STOP").touch()
+    old = time.time() - 3600
+    os.utime(tmp_path / "STOP", (old, old))
+    stop = StopFile(tmp_path / "STOP")
+    trainer = fit([stop], max_steps=5)
+    assert trainer.global_step == 5 and stop.stopped_at is None
