@@ -45,7 +45,7 @@ def main() -> None:
     lengths = []
     for i, rec in enumerate(records):
         ids, _ = tokenize_conversation(tok, ds[i]["messages"])
-        frames = int(round(100 * float(rec["duration"])))
+        frames = round(100 * float(rec["duration"]))
         speech = -(-((frames - 1) // 2 + 1) // args.stack)  # output_length: ceil(ceil(T/2) / stack)
         lengths.append(len(ids) - 1 + speech)
     real = sum(lengths)

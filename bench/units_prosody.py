@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -69,8 +70,8 @@ def main() -> None:
     for label, idx in (("pitch_class", 0), ("speed_class", 1)):
         tr = [(stats(m, ids, r["duration"])[idx], r[label]) for r, ids in rows["train"]]
         te = [(stats(m, ids, r["duration"])[idx], r[label]) for r, ids in rows["eval"]]
-        tr = [x for x in tr if x[0] == x[0]]
-        te_ok = [x for x in te if x[0] == x[0]]
+        tr = [x for x in tr if not math.isnan(x[0])]
+        te_ok = [x for x in te if not math.isnan(x[0])]
         majority = Counter(k for _, k in tr).most_common(1)[0][0]
         out[label] = {"tokens": nearest_mean(tr, te_ok), "majority": sum(k == majority for _, k in te) / len(te),
                       "n": len(te_ok)}
@@ -80,13 +81,13 @@ def main() -> None:
     for g in ("male", "female"):
         tr = [(stats(m, ids, r["duration"])[0], r["pitch_class"]) for r, ids in rows["train"] if r["gender"] == g]
         te = [(stats(m, ids, r["duration"])[0], r["pitch_class"]) for r, ids in rows["eval"] if r["gender"] == g]
-        tr, te = [x for x in tr if x[0] == x[0]], [x for x in te if x[0] == x[0]]
+        tr, te = [x for x in tr if not math.isnan(x[0])], [x for x in te if not math.isnan(x[0])]
         if tr and te:
             hits += nearest_mean(tr, te) * len(te)
             total += len(te)
     out["pitch_class (per gender)"] = {"tokens": hits / total, "majority": out["pitch_class"]["majority"], "n": total}
     ev = [(stats(m, ids, r["duration"])[0], r["f0_hz"]) for r, ids in rows["eval"]]
-    ev = [(a, b) for a, b in ev if a == a and b == b]
+    ev = [(a, b) for a, b in ev if not (math.isnan(a) or math.isnan(b))]
     lens = [len(ids) / r["duration"] for r, ids in rows["eval"]]
     print(f"codebook k={args.n_units} ready in {fit_s:.0f} s; {len(rows['train'])} train / {len(rows['eval'])} "
           f"held-out-voice clips; tokens per second {sum(lens) / len(lens):.1f} (continuous path: 12.5)")
