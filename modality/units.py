@@ -204,9 +204,13 @@ class SpeechUnitsModality(Modality):
     def _hidden(self, path: Path) -> Tensor:
         if self.front.cache_dir is not None:
             return self.front.load_features(path)[0]
-        feats = self.front.featurize(self.front.load(path))
-        with torch.no_grad():
-            return self.front.encode_frozen(feats[None], torch.ones(1, feats.shape[0], dtype=torch.bool))[0][0]
+        return self._encode_wave(self.front.load(path))
+
+    @torch.no_grad()
+    def _encode_wave(self, wave: Tensor) -> Tensor:
+        """Waveform [S] -> frozen Whisper output [T', H] on the real length."""
+        feats = self.front.featurize(wave)
+        return self.front.encode_frozen(feats[None], torch.ones(1, feats.shape[0], dtype=torch.bool))[0][0]
 
     def _pooled(self, hidden: Tensor) -> Tensor:
         """[T', H] -> [ceil(T' / unit_stack), H] frame means (the last block may be partial)."""
@@ -257,10 +261,7 @@ class SpeechUnitsModality(Modality):
     def featurize(self, raw: Any) -> Tensor:
         """Waveform [S] (16 kHz) -> token ids [N] (runs the frozen encoder)."""
         wave = torch.as_tensor(raw, dtype=torch.float32)
-        feats = self.front.featurize(wave)
-        with torch.no_grad():
-            hidden = self.front.encode_frozen(feats[None], torch.ones(1, feats.shape[0], dtype=torch.bool))[0][0]
-        return self.tokens(hidden, wave)
+        return self.tokens(self._encode_wave(wave), wave)
 
     def _ids_path(self, path: Path) -> Path:
         st = path.stat()
@@ -271,12 +272,14 @@ class SpeechUnitsModality(Modality):
     def load_features(self, ref: Any, root: str | None = None) -> tuple[Tensor, str]:
         """(token ids [N], "features"); cached under ``cache_dir``/ids when set."""
         path = self.resolve(ref, root)
-        wave = self.front.load(path)  # bad audio fails here with one line naming the file
         if self.cache_dir is None:
-            return self.featurize(wave), "features"
+            return self.featurize(self.front.load(path)), "features"
+        if not path.is_file():
+            raise ValueError(f"{path}: audio file not found")
         cp = self._ids_path(path)
-        if cp.is_file():
+        if cp.is_file():  # a cache hit reads no audio
             return load_file(str(cp))["ids"].long(), "features"
+        wave = self.front.load(path)  # bad audio fails here with one line naming the file
         ids = self.tokens(self._hidden(path), wave)
         cp.parent.mkdir(parents=True, exist_ok=True)
         tmp = cp.with_suffix(f".{os.getpid()}.tmp")
