@@ -199,3 +199,23 @@ def test_stop_file_ends_a_run_with_checkpoint_eval_and_metrics(speech_corpus, tm
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 1 and all(k.startswith("modalities.speech.adaptor.") for k in ckpt["state_dict"])
     assert json.loads((tmp_path / "metrics.json").read_text())["stopped_early_at"] == 1
+
+
+def test_align_continues_from_an_align_run_with_new_optimizer_settings(speech_corpus, tmp_path):
+    """init_from=<align run> in stage=align loads its adaptor AND LoRA (the way speech_align_long was continued)."""
+    c = speech_corpus
+    common = TINY + ["stage=align", "stage.lora=true", "trainer.max_steps=2", "eval.before=false", "data.max_eval_samples=2",
+                     f"data.train_files={c}/train.jsonl", f"data.val_files={c}/val.jsonl", f"data.eval_files={c}/eval.jsonl"]
+    run(cfg_for(common + [f"paths.output_dir={tmp_path}/a1"]))
+    # lr ~0: if the continuation did not start from a1's weights, they could not end equal to a1's
+    run(cfg_for(common + [f"paths.output_dir={tmp_path}/a2", f"init_from={tmp_path}/a1",
+                          "stage.optim.lr=1e-12", "stage.optim.lora_lr=1e-12"]))
+    first = torch.load(tmp_path / "a1" / "checkpoints" / "last.ckpt", weights_only=True)
+    second = torch.load(tmp_path / "a2" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert any("lora_" in k for k in first["state_dict"]) and set(first["state_dict"]) == set(second["state_dict"])
+    for k, v in first["state_dict"].items():
+        assert torch.allclose(second["state_dict"][k], v, atol=1e-8), k
+    assert second["mmlm"]["parent"].endswith("a1/checkpoints/last.ckpt")
+    fresh = run(cfg_for(common + [f"paths.output_dir={tmp_path}/a3", "stage.optim.lr=1e-12", "stage.optim.lora_lr=1e-12"]))
+    third = torch.load(tmp_path / "a3" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert fresh["steps"] == 2 and any(not torch.allclose(third[k], v, atol=1e-6) for k, v in first["state_dict"].items())
