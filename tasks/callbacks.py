@@ -93,20 +93,27 @@ class StopFile(L.Callback):
     the final evaluation and metrics.json are written as if max_steps had been reached.
 
     Why: a cluster time limit or a shared machine needs a run to end early without losing its
-    results (a kill loses metrics.json; SIGTERM raises in Lightning). A STOP file older than this
-    run's start is left from an earlier run and ignored.
+    results (a kill loses metrics.json; SIGTERM raises in Lightning). A STOP file already there when
+    the run starts is left from an earlier run and ignored until it is touched again (compared by
+    its own mtime, not the clock: filesystem timestamps lag ``time.time()`` by milliseconds).
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.t0 = 0.0
+        self.stale: int | None = None  # mtime_ns of a STOP file present at the start
         self.stopped_at: int | None = None
 
+    def _mtime(self) -> int | None:
+        try:
+            return self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.t0 = time.time()
+        self.stale = self._mtime()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        if self.stopped_at is None and self.path.is_file() and self.path.stat().st_mtime >= self.t0:
+        if self.stopped_at is None and (m := self._mtime()) is not None and m != self.stale:
             self.stopped_at = trainer.global_step
             trainer.should_stop = True

@@ -52,3 +52,12 @@ def test_a_stale_stop_file_from_an_earlier_run_is_ignored(tmp_path):
     stop = StopFile(tmp_path / "STOP")
     trainer = fit([stop], max_steps=5)
     assert trainer.global_step == 5 and stop.stopped_at is None
+
+
+def test_a_stale_stop_file_touched_again_during_the_run_stops_it(tmp_path):
+    (tmp_path / "STOP").touch()
+    old = time.time() - 3600
+    os.utime(tmp_path / "STOP", (old, old))
+    stop = StopFile(tmp_path / "STOP")
+    trainer = fit([TouchAt(tmp_path / "STOP", 2), stop])
+    assert trainer.global_step == 2 and stop.stopped_at == 2
