@@ -8,7 +8,7 @@ DEMO_INSTRUCT_BATCH ?= 4
 APT_PACKAGES = espeak-ng sox libsndfile1 fortunes fortunes-min
 export PYTHONUNBUFFERED=1
 
-.PHONY: install apt pip data demo test test-fast bench clean
+.PHONY: install apt pip data data-long demo test test-fast bench clean
 
 install: apt pip
 
@@ -24,6 +24,10 @@ pip:
 
 data: install
 	$(PY) -m data.build_speech --out data_cache/speech --n-align 1200 --n-instruct 400 --jobs 2
+
+# the larger align corpus of experiment=speech_align_long's later phases (10,200 train clips, every train sentence)
+data-long: install
+	$(PY) -m data.build_speech --out data_cache/speech_long --n-align 12000 --align-only --jobs 2
 
 demo: data
 	$(PY) train.py stage=align modality=speech trainer.max_steps=$(DEMO_ALIGN_STEPS) data.max_eval_samples=32 \

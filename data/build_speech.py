@@ -84,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-instruct-eval", type=int, default=None, help="eval conversations (default n-instruct/4)")
     p.add_argument("--jobs", type=int, default=2, help="parallel espeak-ng processes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--align-only", action="store_true", help="build only the align manifests (e.g. a larger corpus for speech_align_long)")
     return p.parse_args(argv)
 
 
@@ -97,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"align: train {align['train']}, val {align['val']}, eval {align['eval']} clips "
           f"({align['hours']} h audio), {align['failed']} skipped (espeak failed), "
           f"{align['pruned']} stale removed, {t1 - t0:.1f}s")
+    for e in align["errors"]:
+        print(f"  skipped: {e}", file=sys.stderr)
+    if args.align_only:
+        return 0
     inst = build_instruct(args.out, args.n_instruct, n_eval, args.jobs, args.seed)
     t2 = time.perf_counter()
     print(f"instruct: train {inst['instruct_train']}, eval {inst['instruct_eval']} conversations; "
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{inst['failed']} skipped (espeak failed), {t2 - t1:.1f}s")
     print(f"types train: {inst['types_train']}")
     print(f"types eval:  {inst['types_eval']}")
-    for e in align["errors"] + inst["errors"]:
+    for e in inst["errors"]:
         print(f"  skipped: {e}", file=sys.stderr)
     print(f"wrote {args.out} in {t2 - t0:.1f}s")
     return 0

@@ -54,8 +54,8 @@ class ConversationDataModule(L.LightningDataModule):
             self.prepare()
         still = [f for fs in self.files.values() for f in fs if not Path(f).exists()]
         if still:
-            raise ValueError(f"{still[0]}: data file not found (build it with `make data` or "
-                             f"point data.train_files / data.eval_manifest at your own)")
+            raise ValueError(f"{still[0]}: data file not found (build it with `make data`; `make data-long` for "
+                             f"experiment=speech_align_long; or point data.train_files / data.eval_manifest at your own)")
 
     def records(self, split: str) -> list[dict]:
         if split not in self._records:

@@ -165,3 +165,25 @@ def test_cli_tiny_build(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
             if split == "eval":
                 assert all(json.loads(x)["voice"] in HELD_OUT_VOICES
                            for x in (tmp_path / "eval.jsonl").read_text().splitlines())
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+def test_cli_align_only_larger_build_extends_a_smaller_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--align-only writes no instruct files, and a larger build keeps the smaller one's clips as its
+    prefix (same ids, texts, voices): a run continued on a bigger corpus is evaluated on the same clips."""
+    from data import build_speech
+    from data.sentences import FORTUNE_DIR
+
+    if not FORTUNE_DIR.is_dir():
+        pytest.skip("apt-get install fortunes fortunes-min")
+    small, big = tmp_path / "small", tmp_path / "big"
+    assert build_speech.main(["--out", str(small), "--n-align", "20", "--align-only", "--jobs", "2"]) == 0
+    assert build_speech.main(["--out", str(big), "--n-align", "60", "--align-only", "--jobs", "2"]) == 0
+    assert "instruct:" not in capsys.readouterr().out
+    assert not list(big.glob("instruct_*.json")) and not list(big.glob("arith_*.jsonl"))
+    for split in ("train", "val", "eval"):
+        a = [json.loads(x) for x in (small / f"{split}.jsonl").read_text().splitlines()]
+        b = [json.loads(x) for x in (big / f"{split}.jsonl").read_text().splitlines()]
+        assert 0 < len(a) < len(b)
+        keys = ("id", "text", "voice", "pitch", "speed")
+        assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b[:len(a)]]
