@@ -149,6 +149,17 @@ class SpeechAdaptor(nn.Module):
         return y
 
 
+def compress_mode(value: bool | str | None) -> str | bool:
+    """modality.ctc_compress: false | true (= "mean") | "mean" | "soft" -> False, "mean" or "soft"."""
+    if value in (None, False, "false", "none"):
+        return False
+    if value is True or value in ("true", "mean"):
+        return "mean"
+    if value == "soft":
+        return "soft"
+    raise ValueError(f"ctc_compress must be false, true/'mean' or 'soft', got {value!r}")
+
+
 class SpeechModality(Modality):
     """Whisper encoder (frozen) + frame-stacking adaptor; speech refs are audio file paths."""
 
@@ -170,14 +181,16 @@ class SpeechModality(Modality):
         tiny: bool | dict = False,
         layers: int = 2,
         heads: int = 8,
-        ctc_compress: bool = False,
+        ctc_compress: bool | str = False,
     ):
         super().__init__()
         self.hp = SpeechHParams(int(d_llm), stack, adaptor, hidden, target_rms, max_seconds, overlong, layers, heads)
         self.save_hyperparameters()
         self.encoder_name = "tiny" if tiny else encoder_name
         self.cache_dir = cache_dir
-        self.ctc_compress = bool(ctc_compress)  # MultimodalLM drops CTC blanks and merges repeats (tasks.ctc)
+        # MultimodalLM drops CTC blanks and merges repeats (tasks.ctc): "mean" of the adaptor outputs, or
+        # "soft": each position's class distribution mapped through the LLM's embedding rows (text it knows)
+        self.ctc_compress = compress_mode(ctc_compress)
         self.d_llm = self.hp.d_llm
         self.encoder = _load_encoder(encoder_name, tiny)
         cfg = self.encoder.config

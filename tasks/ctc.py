@@ -3,9 +3,18 @@
 For transcript samples, each adaptor position is classified over the LLM vocabulary by cosine
 similarity with the (frozen) input-embedding table; the placeholder row serves as the CTC blank.
 This gives the adaptor a dense, per-position signal that the LM loss alone lacks.
+
+The cosine is taken after subtracting the classes' mean row from both sides. Why: SmolLM2's
+embedding rows share a common direction (mean pairwise cosine 0.44, nearest other row 0.66 on
+average; centred: 0.00 and 0.37), so with raw cosines even an output equal to the right row wins
+by a margin of only ~0.3 x scale: the classifier was ill-conditioned and CTC learned slowly.
 """
 
 from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +30,7 @@ def embedding_ctc_loss(out: Tensor, lengths: Tensor, sample_index: Tensor, targe
     with the ~7k tokens a corpus uses instead of 49k the loss costs ~7x less. A sample whose
     target holds a token outside ``vocab`` is left out of the loss.
     """
-    table = embedding_weight.detach()
+    table = embedding_weight
     if vocab is not None:
         vocab = vocab.to(out.device)
         table = table[vocab]
@@ -41,28 +50,102 @@ def embedding_ctc_loss(out: Tensor, lengths: Tensor, sample_index: Tensor, targe
     if not rows:
         return None
     tgt = [targets[int(sample_index[k])] for k in rows]
-    o = F.normalize(out[rows].float(), dim=-1)                       # [r, N, D]
-    table = F.normalize(table.float(), dim=-1)                       # [V, D] (V = len(vocab) if given)
-    logp = (o @ table.T * scale).log_softmax(-1)                     # [r, N, V]
+    logp = cosine_logits(out[rows], table, scale).log_softmax(-1)   # [r, N, V] (V = len(vocab) if given)
     flat = torch.tensor([t for seq in tgt for t in seq], device=out.device)
     tgt_len = torch.tensor([len(seq) for seq in tgt], device=out.device)
     return F.ctc_loss(logp.transpose(0, 1), flat, lengths[rows], tgt_len, blank=blank_id,
                       reduction="mean", zero_infinity=True)
 
 
-def corpus_vocab(targets: list[list[int]], blank_ids: list[int]) -> Tensor:
-    """Sorted unique ids of every target token plus the blanks: the classes embedding_ctc_loss needs."""
-    ids = {t for seq in targets for t in seq} | set(blank_ids)
+def corpus_vocab(targets: list[list[int]], blank_ids: list[int], min_count: int = 1,
+                 always: Iterable[int] = ()) -> Tensor:
+    """Sorted unique ids of the target tokens seen at least ``min_count`` times, plus ``always`` (e.g. every
+    single-character token, so any word can be spelled) and the blanks: the classes embedding_ctc_loss needs."""
+    counts = Counter(t for seq in targets for t in seq)
+    ids = {t for t, c in counts.items() if c >= min_count} | set(always) | set(blank_ids)
     return torch.tensor(sorted(ids), dtype=torch.long)
 
 
+def single_char_tokens(tokenizer: Any) -> list[int]:
+    """Ids of the tokens that are one character of the tokenizer's alphabet (byte-level BPE: all 256 bytes)."""
+    return sorted(i for t, i in tokenizer.get_vocab().items() if len(t) == 1)
+
+
+class UnitSegmenter:
+    """Re-spells a transcript's token ids with CTC units only: words whose tokens are all units stay as the
+    tokenizer wrote them, any other word is re-split by greedy longest match over the units' strings.
+
+    Why: over the 10,200-clip corpus half of the ~8.6k transcript tokens occur in ONE sentence, and 8.8 % of
+    held-out words hold a token never seen in training: a CTC classifier cannot learn such classes. With
+    units = frequent tokens + single characters every word is spellable from classes that were trained,
+    and the LLM reads a rare word as the pieces it is spelled with (it still writes it its own way).
+    """
+
+    def __init__(self, tokenizer: Any, units: Tensor):
+        self.units = set(units.tolist())
+        vocab = tokenizer.get_vocab()
+        self.by_string = {t: i for t, i in vocab.items() if i in self.units}
+        self.strings = {i: t for t, i in vocab.items()}
+        self.longest = max(len(t) for t in self.by_string)
+        self.cache: dict[tuple[int, ...], list[int]] = {}
+
+    def word_starts(self, ids: list[int]) -> list[int]:
+        return [k for k, i in enumerate(ids) if k == 0 or self.strings.get(i, "")[:1] in ("Ġ", " ", "▁")]
+
+    def spell(self, text: str) -> list[int] | None:
+        out, k = [], 0
+        while k < len(text):
+            for n in range(min(self.longest, len(text) - k), 0, -1):
+                if (i := self.by_string.get(text[k:k + n])) is not None:
+                    out.append(i)
+                    k += n
+                    break
+            else:
+                return None  # a character no unit covers
+        return out
+
+    def __call__(self, ids: list[int] | None) -> list[int] | None:
+        if not ids:
+            return ids
+        key = tuple(ids)
+        if key not in self.cache:
+            starts = self.word_starts(ids) + [len(ids)]
+            out: list[int] | None = []
+            for a, b in zip(starts, starts[1:]):
+                word = ids[a:b]
+                if all(i in self.units for i in word):
+                    out += word
+                elif (spelled := self.spell("".join(self.strings[i] for i in word))) is not None:
+                    out += spelled
+                else:
+                    out = None  # left out of the loss, as embedding_ctc_loss does with unknown tokens
+                    break
+            self.cache[key] = out
+        return self.cache[key]
+
+
+def cosine_logits(out: Tensor, rows: Tensor, scale: float = 30.0) -> Tensor:
+    """out [..., D], class rows [V, D] (frozen) -> logits [..., V]: scale x cosine, both sides centred on the rows' mean."""
+    rows = rows.detach().float()
+    centre = rows.mean(0)
+    return F.normalize(out.float() - centre, dim=-1) @ F.normalize(rows - centre, dim=-1).T * scale
+
+
 def nearest_rows(out: Tensor, embedding_weight: Tensor) -> Tensor:
-    """out [..., D] -> index [...] of the embedding row with the highest cosine similarity (what a position 'says')."""
-    return (F.normalize(out.float(), dim=-1) @ F.normalize(embedding_weight.float(), dim=-1).T).argmax(-1)
+    """out [..., D] -> index [...] of the class row the CTC classifier picks (what a position 'says')."""
+    return cosine_logits(out, embedding_weight).argmax(-1)
 
 
-def greedy_ctc_decode(out: Tensor, lengths: Tensor, embedding_weight: Tensor, blank_id: int) -> list[list[int]]:
-    """Collapse repeats and drop blanks: a cheap readout of what the adaptor 'says' per position."""
+def greedy_ctc_decode(out: Tensor, lengths: Tensor, embedding_weight: Tensor, blank_id: int,
+                      vocab: Tensor | None = None) -> list[list[int]]:
+    """Collapse repeats and drop blanks: a cheap readout of what the adaptor 'says' per position.
+
+    With ``vocab`` the classes are those rows (as in training) and the ids returned are token ids.
+    """
+    if vocab is not None:
+        vocab = vocab.to(out.device)
+        seqs = greedy_ctc_decode(out, lengths, embedding_weight[vocab], int(torch.searchsorted(vocab, torch.tensor(blank_id, device=out.device))))
+        return [vocab[s].tolist() if s else [] for s in seqs]
     ids = nearest_rows(out, embedding_weight)
     seqs = []
     for row, n in zip(ids, lengths):
@@ -75,17 +158,26 @@ def greedy_ctc_decode(out: Tensor, lengths: Tensor, embedding_weight: Tensor, bl
     return seqs
 
 
-def ctc_compress(out: Tensor, lengths: Tensor, embedding_weight: Tensor, blank_id: int) -> tuple[Tensor, Tensor]:
+def ctc_compress(out: Tensor, lengths: Tensor, embedding_weight: Tensor, blank_id: int,
+                 vocab: Tensor | None = None, soft: bool = False, scale: float = 30.0) -> tuple[Tensor, Tensor]:
     """CTC compression: drop positions whose nearest LLM embedding is the blank, average each run of one token.
 
     out [n, N, D] adaptor output, lengths [n] -> (compressed [n, N, D] with each clip's k segment means first
     and zeros after, k [n] >= 1). Gradients reach every kept position. Why: a CTC-trained adaptor says
     'blank blank the blank cat cat ...'; the LLM reads the collapsed 'the cat' far more like text, and
     the sequence it attends over is ~3x shorter.
+
+    ``vocab`` (sorted ids, the blank among them) restricts the classes to the rows CTC trained on.
+    ``soft``: each kept position becomes its class distribution mapped through the embedding table
+    (``p @ E``) before averaging, so a confident position IS the token's own embedding row: the LLM reads
+    text it knows from the first step, and gradients still reach the adaptor through ``p``.
     """
+    table = embedding_weight if vocab is None else embedding_weight[vocab.to(embedding_weight.device)]
+    if vocab is not None:
+        blank_id = int(torch.searchsorted(vocab.to(out.device), torch.tensor(blank_id, device=out.device)))
     n, N, D = out.shape
     with torch.no_grad():
-        ids = nearest_rows(out, embedding_weight)                          # [n, N]
+        ids = nearest_rows(out, table)                                     # [n, N]
         valid = torch.arange(N, device=out.device)[None, :] < lengths[:, None].to(out.device)
         speak = valid & (ids != blank_id)                                   # [n, N] positions that emit a token
         prev = F.pad(ids[:, :-1], (1, 0), value=-1)
@@ -97,6 +189,8 @@ def ctc_compress(out: Tensor, lengths: Tensor, embedding_weight: Tensor, blank_i
         speak = speak | (empty[:, None] & valid)
         seg = torch.where(empty[:, None], torch.zeros_like(seg), seg).clamp(min=0)
         k = k.clamp(min=1)
+    if soft:
+        out = (cosine_logits(out, table, scale).softmax(-1) @ table.detach().float()).to(out.dtype)  # [n, N, V] @ [V, D]
     w = speak.to(out.dtype)[..., None]                                      # [n, N, 1]
     sums = out.new_zeros(n, N, D).scatter_add(1, seg[..., None].expand(-1, -1, D), out * w)
     counts = out.new_zeros(n, N, 1).scatter_add(1, seg[..., None], w)

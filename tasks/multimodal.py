@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from data.collate import IGNORE
 from llm.lora import LoraSpec, apply_lora, backbone_and_head
-from tasks.ctc import ctc_compress, embedding_ctc_loss
+from tasks.ctc import UnitSegmenter, ctc_compress, embedding_ctc_loss, greedy_ctc_decode
 from tasks.merge import merge_embeddings, valid_rows
 from tasks.stages import StagePolicy, apply_stage
 
@@ -38,12 +38,16 @@ class MultimodalLM(L.LightningModule):
     def __init__(self, llm: nn.Module, tokenizer: Any, modalities: dict[str, nn.Module],
                  placeholder_ids: dict[str, int], stage: StagePolicy, lora: LoraSpec | None = None,
                  optim: OptimSpec | None = None, aux_weight: float = 0.0, llm_name: str = "llm",
-                 ctc_weight: float = 0.0):
+                 ctc_weight: float = 0.0, lm_weight: float = 1.0):
         super().__init__()
         self.save_hyperparameters({"stage": asdict(stage), "lora": asdict(lora) if lora else None,
                                    "optim": asdict(optim or OptimSpec()), "aux_weight": aux_weight,
                                    "llm_name": llm_name, "placeholder_ids": dict(placeholder_ids),
-                                   "ctc_weight": ctc_weight})
+                                   "ctc_weight": ctc_weight, "lm_weight": lm_weight})
+        if lm_weight < 0 or ctc_weight < 0 or (lm_weight == 0 and ctc_weight == 0):
+            raise ValueError(f"lm_weight={lm_weight}, ctc_weight={ctc_weight}: both >= 0 and at least one > 0")
+        if lm_weight == 0 and stage.lora:
+            raise ValueError("lm_weight=0 (CTC only) trains nothing in the LLM: set stage.lora=false")
         if stage.lora:
             if lora is None:
                 raise ValueError(f"stage={stage.name} trains LoRA but no lora spec was given")
@@ -56,11 +60,14 @@ class MultimodalLM(L.LightningModule):
         self.optim = optim or OptimSpec()
         self.aux_weight = aux_weight
         self.ctc_weight = ctc_weight
+        self.lm_weight = lm_weight
         self.llm_name = llm_name
         apply_stage(self.llm, self.modalities, stage)
         self.ctc_vocab: Tensor | None = None  # set_ctc_vocab(): CTC over the corpus's tokens only
+        self.ctc_segmenter: UnitSegmenter | None = None
         self.strict_loading = False  # checkpoints hold only what trains
         self.skipped: list[tuple[str, str]] = []
+        self._ctc_counts = [0, 0]  # validation: word edits, reference words of the greedy CTC readout
 
     def train(self, mode: bool = True) -> "MultimodalLM":
         """Frozen parts stay in eval mode (no dropout); Modality.train handles frozen encoders."""
@@ -77,8 +84,10 @@ class MultimodalLM(L.LightningModule):
         return self
 
     def set_ctc_vocab(self, vocab: Tensor | None) -> None:
-        """Restrict the auxiliary CTC classes (tasks.ctc.corpus_vocab); None: the whole LLM vocabulary."""
+        """Restrict the auxiliary CTC classes (tasks.ctc.corpus_vocab); None: the whole LLM vocabulary.
+        Targets are then re-spelled with those classes (tasks.ctc.UnitSegmenter)."""
         self.ctc_vocab = vocab
+        self.ctc_segmenter = UnitSegmenter(self.tokenizer, vocab) if vocab is not None else None
 
     def on_fit_start(self) -> None:
         self.train()  # HF loads models in eval mode; Lightning keeps whatever mode it finds
@@ -95,17 +104,13 @@ class MultimodalLM(L.LightningModule):
         input_ids = batch["input_ids"]
         attention_mask = batch["attention_mask"]
         embeds = self.llm.get_input_embeddings()(input_ids)  # [B, L, D]
-        outs = {}
-        for name, entry in batch["modal"].items():
+        outs = self.adapt_all(batch)
+        for name, (out, lengths) in outs.items():
             m = self.modalities[name]
-            if entry["kind"] == "hidden":
-                out, lengths = m.adapt(entry["values"], entry["mask"].sum(1))
-            else:
-                out, lengths = m.encode(entry["values"], entry["mask"])
-            outs[name] = (out, lengths)
             slots = input_ids == self.placeholder_ids[name]
             if getattr(m, "ctc_compress", False):
-                out, kept = ctc_compress(out, lengths, self.llm.get_input_embeddings().weight, self.placeholder_ids[name])
+                out, kept = ctc_compress(out, lengths, self.llm.get_input_embeddings().weight, self.placeholder_ids[name],
+                                         vocab=self.ctc_vocab, soft=m.ctc_compress == "soft")
                 filler = valid_rows(torch.arange(out.shape[1], device=out.device).expand(out.shape[0], -1) >= kept[:, None],
                                     lengths)  # [sum(lengths)] True on the slots left empty
                 holes = torch.zeros_like(slots)
@@ -129,14 +134,21 @@ class MultimodalLM(L.LightningModule):
         return F.cross_entropy(logits, targets[keep])
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
-        embeds, outs, attention_mask = self.embed(batch)
-        loss = self.lm_loss(embeds, attention_mask, batch["labels"])
-        result = {"lm_loss": loss, "loss": loss}
+        if self.lm_weight > 0:
+            embeds, outs, attention_mask = self.embed(batch)
+            loss = self.lm_loss(embeds, attention_mask, batch["labels"])
+            result = {"lm_loss": loss, "loss": self.lm_weight * loss}
+        else:  # CTC only: the LLM never runs, a step costs the adaptor (and the classifier over the vocab)
+            outs = self.adapt_all(batch)
+            result = {"loss": torch.zeros((), device=self.device)}
         if self.ctc_weight > 0:
             table = self.llm.get_input_embeddings().weight
+            targets = batch["ctc_targets"]
+            if self.ctc_segmenter is not None:
+                targets = [self.ctc_segmenter(t) for t in targets]
             for name, (out, lengths) in outs.items():
                 ctc = embedding_ctc_loss(out, lengths, batch["modal"][name]["sample_index"].to(out.device),
-                                         batch["ctc_targets"], table, self.placeholder_ids[name],
+                                         targets, table, self.placeholder_ids[name],
                                          vocab=self.ctc_vocab)
                 if ctc is not None:
                     result[f"ctc_{name}"] = ctc
@@ -149,6 +161,17 @@ class MultimodalLM(L.LightningModule):
                     result["loss"] = result["loss"] + self.aux_weight * aux
         return result
 
+    def adapt_all(self, batch: dict) -> dict[str, tuple[Tensor, Tensor]]:
+        """Every modality's adaptor output (uncompressed) without building the LLM's input sequence."""
+        outs = {}
+        for name, entry in batch["modal"].items():
+            m = self.modalities[name]
+            if entry["kind"] == "hidden":
+                outs[name] = m.adapt(entry["values"], entry["mask"].sum(1))
+            else:
+                outs[name] = m.encode(entry["values"], entry["mask"])
+        return outs
+
     def _step(self, batch: dict, split: str) -> Tensor:
         if batch["skipped"]:
             self.skipped.extend(batch["skipped"])
@@ -156,9 +179,33 @@ class MultimodalLM(L.LightningModule):
         if B == 0:
             return None
         result = self(batch)
+        if split == "val" and self.ctc_weight > 0:
+            self._count_ctc_errors(batch)
         for k, v in result.items():
             self.log(f"{split}/{k}", v, prog_bar=(k == "loss"), batch_size=B, sync_dist=split != "train")
         return result["loss"]
+
+    @torch.no_grad()
+    def _count_ctc_errors(self, batch: dict) -> None:
+        """Greedy CTC readout of single-clip transcript samples vs their references (val/ctc_wer): what the
+        adaptor alone 'says', without the LLM. The measure of a CTC-only run (stage.lm_weight=0)."""
+        from tasks.evaluate import edit_distance, normalize
+
+        table = self.llm.get_input_embeddings().weight
+        for name, (out, lengths) in self.adapt_all(batch).items():
+            owner = batch["modal"][name]["sample_index"].tolist()
+            hyps = greedy_ctc_decode(out, lengths, table, self.placeholder_ids[name], vocab=self.ctc_vocab)
+            for k, i in enumerate(owner):
+                if batch["ctc_targets"][i] and owner.count(i) == 1:
+                    ref = normalize(batch["references"][i] or "")
+                    self._ctc_counts[0] += edit_distance(ref, normalize(self.tokenizer.decode(hyps[k])))
+                    self._ctc_counts[1] += len(ref)
+
+    def on_validation_epoch_end(self) -> None:
+        errors, words = self._ctc_counts
+        if words:
+            self.log("val/ctc_wer", errors / words, sync_dist=True)
+        self._ctc_counts = [0, 0]
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         return self._step(batch, "train")

@@ -127,7 +127,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     optim = OptimSpec(**OmegaConf.to_container(cfg.stage.optim)) if "optim" in cfg.stage else OptimSpec()
     model = MultimodalLM(lm.model, lm.tokenizer, modalities, {k: placeholder_ids[m.placeholder] for k, m in modalities.items()},
                          policy, lora=lora, optim=optim, aux_weight=cfg.stage.get("aux_weight", 0.0), llm_name=lm.name,
-                         ctc_weight=cfg.stage.get("ctc_weight", 0.0))
+                         ctc_weight=cfg.stage.get("ctc_weight", 0.0), lm_weight=cfg.stage.get("lm_weight", 1.0))
     chain: list[Path] = []
     if cfg.get("init_from"):
         chain = load_chain(model, cfg.init_from, lm.name, list(modalities),
@@ -135,10 +135,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     dm = instantiate(cfg.data, tokenizer=lm.tokenizer, modalities=modalities, placeholder_ids=model.placeholder_ids)
     dm.prepare_data()
     _precompute_caches(dm, modalities)
-    if model.ctc_weight > 0 and cfg.stage.get("ctc_vocab", "full") == "corpus":
-        model.set_ctc_vocab(_corpus_ctc_vocab(dm, lm.tokenizer, list(model.placeholder_ids.values())))
+    inherited_vocab = next((m["ctc_vocab"] for m in metas if m.get("ctc_vocab")), None)
+    if inherited_vocab is not None:  # the classes the adaptor was trained against; compression must use them too
+        model.set_ctc_vocab(torch.tensor(inherited_vocab, dtype=torch.long))
+    elif model.ctc_weight > 0 and cfg.stage.get("ctc_vocab", "full") == "corpus":
+        model.set_ctc_vocab(_corpus_ctc_vocab(dm, lm.tokenizer, list(model.placeholder_ids.values()),
+                                              cfg.stage.get("ctc_min_count", 1)))
     metrics: dict[str, Any] = {"stage": policy.name, "modality": modality.name, "llm": lm.name,
                                "init_from": [str(p) for p in chain], "system_prompt": cfg.data.get("system_prompt")}
+    if model.ctc_vocab is not None:
+        metrics["ctc_vocab"] = len(model.ctc_vocab)
     ev = cfg.get("eval", {})
     eval_loader = dm.eval_dataloader()
     if policy.name == "evaluate":
@@ -159,7 +165,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         extra.append(curve)
     meta = {"stage": policy.name, "llm": lm.name, "modalities": list(modalities),
             "parent": str(chain[0]) if chain else None, "lora": OmegaConf.to_container(cfg.llm.lora) if policy.lora else None,
-            "system_prompt": cfg.data.get("system_prompt")}
+            "system_prompt": cfg.data.get("system_prompt"),
+            "ctc_vocab": model.ctc_vocab.tolist() if model.ctc_vocab is not None else None}
     stop = StopFile(out / "STOP")
     trainer = build_trainer(cfg, out, [stats, TrainableOnlyCheckpoint(meta), stop, *extra])
     trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("resume"))
@@ -196,15 +203,17 @@ def _precompute_caches(dm: Any, modalities: dict[str, Any]) -> None:
         log.info("%s encoder cache: %s", name, counts)
 
 
-def _corpus_ctc_vocab(dm: Any, tokenizer: Any, blank_ids: list[int]) -> torch.Tensor:
-    """The tokens of every train/val transcript (+ blanks): stage.ctc_vocab=corpus."""
-    from data.collate import ctc_target
-    from tasks.ctc import corpus_vocab
+def _corpus_ctc_vocab(dm: Any, tokenizer: Any, blank_ids: list[int], min_count: int = 1) -> torch.Tensor:
+    """The tokens of the TRAIN transcripts seen >= min_count times, single characters, blanks: stage.ctc_vocab=corpus.
 
-    targets = [t for split in ("train", "val") if dm.files[split] for r in dm.records(split)
-               if (t := ctc_target(tokenizer, r))]
-    vocab = corpus_vocab(targets, blank_ids)
-    log.info("CTC over the corpus vocabulary: %d of %d tokens", len(vocab), len(tokenizer))
+    Train only: a class no training sample spells cannot be learned, and val may be held-out data."""
+    from data.collate import ctc_target
+    from tasks.ctc import corpus_vocab, single_char_tokens
+
+    targets = [t for r in dm.records("train") if (t := ctc_target(tokenizer, r))]
+    vocab = corpus_vocab(targets, blank_ids, min_count, always=single_char_tokens(tokenizer))
+    log.info("CTC over the corpus vocabulary: %d of %d tokens (seen >= %d times, + single characters)",
+             len(vocab), len(tokenizer), min_count)
     return vocab
 
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from tasks.ctc import corpus_vocab, ctc_compress, embedding_ctc_loss, greedy_ctc_decode
@@ -103,3 +104,87 @@ def test_compressed_slots_are_holes_the_llm_never_sees(tiny_lm, toy_modality):
         ref = model.llm.generate(inputs_embeds=e2, attention_mask=m2, max_new_tokens=6, do_sample=False,
                                  pad_token_id=model.tokenizer.pad_token_id)
     assert model.generate(gen, max_new_tokens=6) == [t.strip() for t in model.tokenizer.batch_decode(ref, skip_special_tokens=True)]
+
+
+def test_centred_cosine_separates_rows_that_share_a_common_direction():
+    """SmolLM2's rows share a direction (mean pairwise cosine 0.44): raw cosines left a margin too small to learn."""
+    torch.manual_seed(0)
+    V, D = 50, 32
+    table = 10 * torch.randn(D) + 0.5 * torch.randn(V, D)          # every row ~ the same direction
+    raw_cos = torch.nn.functional.normalize(table, dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
+    assert raw_cos.fill_diagonal_(0).max() > 0.99                   # uncentred: all rows look alike
+    target = [3, 5, 7]
+    spelled = table[[0, 3, 0, 5, 0, 7, 0]].unsqueeze(0)
+    loss = embedding_ctc_loss(spelled, torch.tensor([7]), torch.tensor([0]), [target], table, 0)
+    assert loss < 0.1                                               # the exact rows are read with confidence
+    assert greedy_ctc_decode(spelled, torch.tensor([7]), table, 0) == [target]
+
+
+def test_greedy_decode_over_a_vocab_returns_token_ids():
+    torch.manual_seed(0)
+    table = torch.randn(30, 8)
+    vocab = torch.tensor([2, 4, 9, 17, 25])                         # blank = 2
+    spelled = table[[2, 9, 9, 2, 25, 4]].unsqueeze(0)
+    assert greedy_ctc_decode(spelled, torch.tensor([6]), table, 2, vocab=vocab) == [[9, 25, 4]]
+    assert greedy_ctc_decode(spelled, torch.tensor([1]), table, 2, vocab=vocab) == [[]]
+
+
+def test_soft_compression_turns_confident_positions_into_the_tokens_own_rows():
+    """ctc_compress(soft=True): a kept position is p @ E; confident p -> exactly the LLM's row for that token."""
+    torch.manual_seed(0)
+    table = torch.randn(30, 8)
+    vocab = torch.tensor([2, 4, 9, 17, 25])
+    out = table[[2, 9, 9, 2, 25, 4, 2, 2]].unsqueeze(0).repeat(2, 1, 1).requires_grad_()
+    comp, k = ctc_compress(out, torch.tensor([8, 3]), table, 2, vocab=vocab, soft=True, scale=200.0)
+    assert k.tolist() == [3, 1]
+    torch.testing.assert_close(comp[0, :3], table[[9, 25, 4]], atol=1e-4, rtol=0)
+    torch.testing.assert_close(comp[1, 0], table[9], atol=1e-4, rtol=0)
+    assert (comp[0, 3:] == 0).all()
+    mean, _ = ctc_compress(out + 0.3 * torch.randn_like(out), torch.tensor([8, 3]), table, 2, vocab=vocab)
+    assert not torch.allclose(mean[0, :3], table[[9, 25, 4]], atol=1e-2)  # "mean" keeps the raw outputs
+    comp, _ = ctc_compress(out, torch.tensor([8, 3]), table, 2, vocab=vocab, soft=True)  # default scale: not saturated
+    (comp * torch.randn_like(comp)).sum().backward()
+    assert out.grad[0, :6].abs().sum() > 0                          # the LM loss still reaches the adaptor
+
+
+def test_ctc_only_step_never_calls_the_llm_and_weights_must_make_sense(tiny_lm, toy_modality, monkeypatch):
+    from tasks.multimodal import MultimodalLM
+    from tests.unit.helpers import STAGES, batch_for, build
+
+    model = build(tiny_lm, toy_modality, "align")
+    model.lm_weight, model.ctc_weight = 0.0, 1.0
+    recs = [{"id": f"a{i}", "where": f"asr.jsonl:{i + 1}", "root": None, "toy": [str(3 + i)], "type": "asr",
+             "reference": "hello there", "conversations": [{"from": "human", "value": "<toy>\nTranscribe."},
+                                                           {"from": "gpt", "value": "hello there"}]} for i in range(3)]
+    batch = batch_for(model, recs)
+
+    def boom(*a, **k):
+        raise AssertionError("the LLM ran in a CTC-only step")
+
+    monkeypatch.setattr(type(model.llm), "forward", boom)
+    monkeypatch.setattr(type(model.llm.model), "forward", boom)
+    result = model(batch)
+    assert set(result) == {"loss", "ctc_toy"} and result["loss"] > 0
+    result["loss"].backward()
+    assert all(p.grad is not None for p in model.modalities["toy"].adaptor.parameters())
+    args = (tiny_lm.model, tiny_lm.tokenizer, {"toy": toy_modality}, {"toy": 1})
+    with pytest.raises(ValueError, match="at least one > 0"):
+        MultimodalLM(*args, STAGES["align"], lm_weight=0.0, ctc_weight=0.0)
+    with pytest.raises(ValueError, match="set stage.lora=false"):
+        MultimodalLM(*args, STAGES["instruct"], lm_weight=0.0, ctc_weight=1.0, lora=None)
+
+
+def test_unit_segmenter_respells_rare_words_with_units_and_keeps_the_text(tiny_lm):
+    from tasks.ctc import UnitSegmenter, single_char_tokens
+
+    tok = tiny_lm.tokenizer
+    common = tok.encode(" the cat sat on the mat", add_special_tokens=False)
+    vocab = corpus_vocab([common], [0], always=single_char_tokens(tok))
+    seg = UnitSegmenter(tok, vocab)
+    assert seg(common) == common                                      # words made of units stay as written
+    rare = tok.encode(" the rhinoceros sat", add_special_tokens=False)
+    out = seg(rare)
+    assert all(i in set(vocab.tolist()) for i in out) and len(out) > len(rare)
+    assert tok.decode(out) == tok.decode(rare)                         # the same text, spelled with units
+    assert out[:1] == rare[:1] and out[-1:] == rare[-1:]               # only the rare word was re-spelled
+    assert seg(None) is None and seg([]) == []

@@ -1,0 +1,61 @@
+"""The two-phase alignment recipe through the real experiment configs, shrunk to tiny models:
+speech_align_ctc (CTC only, the LLM never runs) -> speech_align_long (soft compression + LoRA) -> evaluate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tasks.runner import UsageError, run
+from tests.integration.test_pipeline import TINY, cfg_for
+
+SHRINK = ["modality.hidden=32", "modality.layers=1", "modality.heads=2", "data.batch_size=4",
+          "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "data.max_eval_samples=2"]
+
+
+def _data(c, tmp_path) -> list[str]:
+    return [f"data.train_files={c}/train.jsonl", f"data.val_files={c}/val.jsonl", f"data.eval_files={c}/eval.jsonl",
+            f"modality.cache_dir={tmp_path}/cache"]
+
+
+def _meta(run_dir) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["mmlm"]
+
+
+@pytest.fixture(scope="module")
+def phase1(speech_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ctc")
+    m = run(cfg_for(TINY + ["experiment=speech_align_ctc", "trainer.max_steps=2", "stage.ctc_min_count=2",
+                            "trainer.log_every_n_steps=1", f"paths.output_dir={out}/a"] + SHRINK + _data(speech_corpus, out)))
+    return out, m
+
+
+def test_ctc_only_phase_never_runs_the_llm_and_logs_the_ctc_readout(phase1, tiny_lm):
+    from tasks.ctc import single_char_tokens
+
+    out, m = phase1
+    assert m["steps"] == 2 and m["first_loss"] > 0
+    header = (out / "a" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "train/ctc_speech" in header and "val/ctc_wer" in header
+    assert "train/lm_loss" not in header  # no LM loss: the LLM's forward is skipped
+    vocab = _meta(out / "a")["ctc_vocab"]
+    assert vocab == sorted(vocab) and set(single_char_tokens(tiny_lm.tokenizer)) <= set(vocab)
+    assert m["ctc_vocab"] == len(vocab)
+
+
+def test_phase2_needs_an_align_run_and_inherits_its_ctc_classes(phase1, speech_corpus, tmp_path):
+    out, _ = phase1
+    common = TINY + ["experiment=speech_align_long", "trainer.max_steps=2", "eval.before=false", "eval.every_n_steps=null",
+                     "eval.max_new_tokens=3"] + SHRINK + _data(speech_corpus, out)
+    with pytest.raises(UsageError, match="needs init_from"):
+        run(cfg_for(common + [f"paths.output_dir={tmp_path}/x"]))
+    m = run(cfg_for(common + [f"init_from={out}/a", f"paths.output_dir={tmp_path}/b", "trainer.log_every_n_steps=1",
+                              "stage.ctc_min_count=7"]))  # a new min count must NOT change the adaptor's classes
+    assert m["steps"] == 2 and "wer" in m
+    assert _meta(tmp_path / "b")["ctc_vocab"] == _meta(out / "a")["ctc_vocab"]
+    header = (tmp_path / "b" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "train/lm_loss" in header and "train/ctc_speech" in header
+    ev = run(cfg_for(TINY + ["stage=evaluate", "modality.ctc_compress=soft", "modality.adaptor=transformer"] + SHRINK
+                     + [f"init_from={tmp_path}/b", f"paths.output_dir={tmp_path}/ev", f"data.eval_manifest={speech_corpus}/eval.jsonl",
+                        "eval.max_new_tokens=3"]))
+    assert ev["ctc_vocab"] == m["ctc_vocab"]  # evaluate compresses over the classes the adaptor learned
