@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -21,40 +22,59 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def to_classes(targets: list[list[int] | None], vocab: Tensor | None) -> list[list[int] | None]:
+    """Token ids -> class indices of ``vocab`` (sorted ids); a target holding a token outside it becomes None."""
+    if vocab is None:
+        return targets
+    mapped: list[list[int] | None] = []
+    for seq in targets:
+        if not seq:
+            mapped.append(None)
+            continue
+        t = torch.tensor(seq, device=vocab.device)
+        idx = torch.searchsorted(vocab, t).clamp(max=len(vocab) - 1)
+        mapped.append(idx.tolist() if bool((vocab[idx] == t).all()) else None)
+    return mapped
+
+
+def class_index(vocab: Tensor | None, token_id: int) -> int:
+    """The class index of ``token_id`` (e.g. the blank) among ``vocab``'s sorted ids; the id itself without one."""
+    return token_id if vocab is None else int(torch.searchsorted(vocab, torch.tensor(token_id, device=vocab.device)))
+
+
+def ctc_loss(logits: Tensor, lengths: Tensor, sample_index: Tensor, targets: list[list[int] | None],
+             blank: int) -> Tensor | None:
+    """logits [n, N, V] per clip, lengths [n], sample_index [n] (clip -> sample), class-index targets per sample.
+
+    Only single-clip samples with a target count (a two-clip answer has no one-clip alignment).
+    """
+    clips_per_sample = torch.bincount(sample_index, minlength=len(targets))
+    rows = [k for k in range(logits.shape[0])
+            if targets[int(sample_index[k])] and clips_per_sample[int(sample_index[k])] == 1]
+    if not rows:
+        return None
+    tgt = [targets[int(sample_index[k])] for k in rows]
+    logp = logits[rows].float().log_softmax(-1)                      # [r, N, V]
+    flat = torch.tensor([t for seq in tgt for t in seq], device=logits.device)
+    tgt_len = torch.tensor([len(seq) for seq in tgt], device=logits.device)
+    return F.ctc_loss(logp.transpose(0, 1), flat, lengths[rows].to(logits.device), tgt_len, blank=blank,
+                      reduction="mean", zero_infinity=True)
+
+
 def embedding_ctc_loss(out: Tensor, lengths: Tensor, sample_index: Tensor, targets: list[list[int] | None],
                        embedding_weight: Tensor, blank_id: int, scale: float = 30.0,
                        vocab: Tensor | None = None) -> Tensor | None:
-    """out [n, N, D] adaptor output, lengths [n], sample_index [n] (clip -> sample), targets per sample.
+    """CTC with the frozen embedding table as the classifier (cosine): out [n, N, D] adaptor output.
 
     ``vocab`` (sorted unique token ids, the blank among them) restricts the classes to those rows:
     with the ~7k tokens a corpus uses instead of 49k the loss costs ~7x less. A sample whose
     target holds a token outside ``vocab`` is left out of the loss.
     """
-    table = embedding_weight
     if vocab is not None:
         vocab = vocab.to(out.device)
-        table = table[vocab]
-        blank_id = int(torch.searchsorted(vocab, torch.tensor(blank_id, device=vocab.device)))
-        mapped: list[list[int] | None] = []
-        for seq in targets:
-            if not seq:
-                mapped.append(None)
-                continue
-            t = torch.tensor(seq, device=vocab.device)
-            idx = torch.searchsorted(vocab, t).clamp(max=len(vocab) - 1)
-            mapped.append(idx.tolist() if bool((vocab[idx] == t).all()) else None)
-        targets = mapped
-    clips_per_sample = torch.bincount(sample_index, minlength=len(targets))
-    rows = [k for k in range(out.shape[0])
-            if targets[int(sample_index[k])] and clips_per_sample[int(sample_index[k])] == 1]
-    if not rows:
-        return None
-    tgt = [targets[int(sample_index[k])] for k in rows]
-    logp = cosine_logits(out[rows], table, scale).log_softmax(-1)   # [r, N, V] (V = len(vocab) if given)
-    flat = torch.tensor([t for seq in tgt for t in seq], device=out.device)
-    tgt_len = torch.tensor([len(seq) for seq in tgt], device=out.device)
-    return F.ctc_loss(logp.transpose(0, 1), flat, lengths[rows], tgt_len, blank=blank_id,
-                      reduction="mean", zero_infinity=True)
+    table = embedding_weight if vocab is None else embedding_weight[vocab]
+    return ctc_loss(cosine_logits(out, table, scale), lengths, sample_index, to_classes(targets, vocab),
+                    class_index(vocab, blank_id))
 
 
 def corpus_vocab(targets: list[list[int]], blank_ids: list[int], min_count: int = 1,
@@ -111,7 +131,7 @@ class UnitSegmenter:
         if key not in self.cache:
             starts = self.word_starts(ids) + [len(ids)]
             out: list[int] | None = []
-            for a, b in zip(starts, starts[1:]):
+            for a, b in pairwise(starts):
                 word = ids[a:b]
                 if all(i in self.units for i in word):
                     out += word
@@ -131,67 +151,67 @@ def cosine_logits(out: Tensor, rows: Tensor, scale: float = 30.0) -> Tensor:
     return F.normalize(out.float() - centre, dim=-1) @ F.normalize(rows - centre, dim=-1).T * scale
 
 
-def nearest_rows(out: Tensor, embedding_weight: Tensor) -> Tensor:
-    """out [..., D] -> index [...] of the class row the CTC classifier picks (what a position 'says')."""
-    return cosine_logits(out, embedding_weight).argmax(-1)
-
-
 def greedy_ctc_decode(out: Tensor, lengths: Tensor, embedding_weight: Tensor, blank_id: int,
-                      vocab: Tensor | None = None) -> list[list[int]]:
+                      vocab: Tensor | None = None, logits: Tensor | None = None) -> list[list[int]]:
     """Collapse repeats and drop blanks: a cheap readout of what the adaptor 'says' per position.
 
-    With ``vocab`` the classes are those rows (as in training) and the ids returned are token ids.
+    Classes are the rows of ``vocab`` (all rows without one) scored by cosine, or ``logits`` [n, N, V] of a
+    trained classifier over them; token ids are returned.
     """
     if vocab is not None:
         vocab = vocab.to(out.device)
-        seqs = greedy_ctc_decode(out, lengths, embedding_weight[vocab], int(torch.searchsorted(vocab, torch.tensor(blank_id, device=out.device))))
-        return [vocab[s].tolist() if s else [] for s in seqs]
-    ids = nearest_rows(out, embedding_weight)
+    ids = (logits if logits is not None else
+           cosine_logits(out, embedding_weight if vocab is None else embedding_weight[vocab])).argmax(-1)
+    blank = class_index(vocab, blank_id)
     seqs = []
     for row, n in zip(ids, lengths):
         prev, seq = None, []
         for t in row[: int(n)].tolist():
-            if t != prev and t != blank_id:
+            if t != prev and t != blank:
                 seq.append(t)
             prev = t
-        seqs.append(seq)
+        seqs.append(vocab[seq].tolist() if vocab is not None and seq else seq)
     return seqs
 
 
 def ctc_compress(out: Tensor, lengths: Tensor, embedding_weight: Tensor, blank_id: int,
-                 vocab: Tensor | None = None, soft: bool = False, scale: float = 30.0) -> tuple[Tensor, Tensor]:
-    """CTC compression: drop positions whose nearest LLM embedding is the blank, average each run of one token.
+                 vocab: Tensor | None = None, soft: bool = False, scale: float = 30.0,
+                 logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """CTC compression: drop positions whose class is the blank, average each run of one class.
 
     out [n, N, D] adaptor output, lengths [n] -> (compressed [n, N, D] with each clip's k segment means first
     and zeros after, k [n] >= 1). Gradients reach every kept position. Why: a CTC-trained adaptor says
     'blank blank the blank cat cat ...'; the LLM reads the collapsed 'the cat' far more like text, and
     the sequence it attends over is ~3x shorter.
 
-    ``vocab`` (sorted ids, the blank among them) restricts the classes to the rows CTC trained on.
-    ``soft``: each kept position becomes its class distribution mapped through the embedding table
-    (``p @ E``) before averaging, so a confident position IS the token's own embedding row: the LLM reads
-    text it knows from the first step, and gradients still reach the adaptor through ``p``.
+    Classes: ``vocab``'s rows (sorted ids, the blank among them; all rows without one) scored by cosine, or
+    ``logits`` [n, N, V] of a trained classifier over them. ``soft``: each kept position becomes its class
+    distribution mapped through the embedding rows (``p @ E``) before averaging, so a confident position IS
+    the token's own embedding row: the LLM reads text it knows, and gradients still reach the adaptor via p.
     """
-    table = embedding_weight if vocab is None else embedding_weight[vocab.to(embedding_weight.device)]
     if vocab is not None:
-        blank_id = int(torch.searchsorted(vocab.to(out.device), torch.tensor(blank_id, device=out.device)))
+        vocab = vocab.to(out.device)
+    table = embedding_weight if vocab is None else embedding_weight[vocab]
+    if logits is None:
+        logits = cosine_logits(out, table, scale)                      # [n, N, V]
+    blank = class_index(vocab, blank_id)
     n, N, D = out.shape
     with torch.no_grad():
-        ids = nearest_rows(out, table)                                     # [n, N]
+        ids = logits.argmax(-1)                                         # [n, N]
         valid = torch.arange(N, device=out.device)[None, :] < lengths[:, None].to(out.device)
-        speak = valid & (ids != blank_id)                                   # [n, N] positions that emit a token
+        speak = valid & (ids != blank)                                  # [n, N] positions that emit a token
         prev = F.pad(ids[:, :-1], (1, 0), value=-1)
         prev_speak = F.pad(speak[:, :-1], (1, 0), value=False)
-        start = speak & ~(prev_speak & (prev == ids))                       # first position of each run
-        seg = start.long().cumsum(1) - 1                                    # [n, N] segment index per position
+        start = speak & ~(prev_speak & (prev == ids))                   # first position of each run
+        seg = start.long().cumsum(1) - 1                                # [n, N] segment index per position
         k = start.sum(1)
-        empty = k == 0                                                      # all blank: keep the clip as one mean vector
+        empty = k == 0                                                  # all blank: keep the clip as one mean vector
         speak = speak | (empty[:, None] & valid)
         seg = torch.where(empty[:, None], torch.zeros_like(seg), seg).clamp(min=0)
         k = k.clamp(min=1)
     if soft:
-        out = (cosine_logits(out, table, scale).softmax(-1) @ table.detach().float()).to(out.dtype)  # [n, N, V] @ [V, D]
-    w = speak.to(out.dtype)[..., None]                                      # [n, N, 1]
+        out = (logits.float().softmax(-1) @ table.detach().float()).to(out.dtype)  # [n, N, V] @ [V, D]
+    w = speak.to(out.dtype)[..., None]                                  # [n, N, 1]
     sums = out.new_zeros(n, N, D).scatter_add(1, seg[..., None].expand(-1, -1, D), out * w)
     counts = out.new_zeros(n, N, 1).scatter_add(1, seg[..., None], w)
     return sums / counts.clamp(min=1), k

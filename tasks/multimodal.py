@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from data.collate import IGNORE
 from llm.lora import LoraSpec, apply_lora, backbone_and_head
-from tasks.ctc import UnitSegmenter, ctc_compress, embedding_ctc_loss, greedy_ctc_decode
+from tasks.ctc import UnitSegmenter, class_index, cosine_logits, ctc_compress, ctc_loss, greedy_ctc_decode, to_classes
 from tasks.merge import merge_embeddings, valid_rows
 from tasks.stages import StagePolicy, apply_stage
 
@@ -65,6 +65,7 @@ class MultimodalLM(L.LightningModule):
         apply_stage(self.llm, self.modalities, stage)
         self.ctc_vocab: Tensor | None = None  # set_ctc_vocab(): CTC over the corpus's tokens only
         self.ctc_segmenter: UnitSegmenter | None = None
+        self.ctc_heads = nn.ModuleDict()  # set_ctc_vocab(classifier="linear"): a trained classifier per modality
         self.strict_loading = False  # checkpoints hold only what trains
         self.skipped: list[tuple[str, str]] = []
         self._ctc_counts = [0, 0]  # validation: word edits, reference words of the greedy CTC readout
@@ -83,11 +84,42 @@ class MultimodalLM(L.LightningModule):
                 self.llm.eval()
         return self
 
-    def set_ctc_vocab(self, vocab: Tensor | None) -> None:
-        """Restrict the auxiliary CTC classes (tasks.ctc.corpus_vocab); None: the whole LLM vocabulary.
-        Targets are then re-spelled with those classes (tasks.ctc.UnitSegmenter)."""
+    def set_ctc_vocab(self, vocab: Tensor | None, classifier: str = "cosine") -> None:
+        """Restrict the CTC classes (tasks.ctc.corpus_vocab); None: the whole LLM vocabulary. Targets are then
+        re-spelled with those classes (tasks.ctc.UnitSegmenter).
+
+        ``classifier``: "cosine" scores adaptor outputs against the frozen embedding rows; "linear" adds a
+        trained Linear(d_llm -> classes) per modality, part of what the adaptor trains (and checkpoints).
+        Why linear: measured on the 10,200-clip corpus, greedy CTC WER after 200 steps was 64 % with it and
+        91 % with the frozen rows (classes that cannot move toward the sound learn far more slowly).
+        With soft compression the LLM still reads only embedding rows (p @ E), whichever classifier.
+        """
+        if classifier not in ("cosine", "linear"):
+            raise ValueError(f"ctc classifier must be 'cosine' or 'linear', got {classifier!r}")
+        if classifier == "linear" and vocab is None:
+            raise ValueError("a linear CTC classifier needs a class vocabulary (stage.ctc_vocab=corpus)")
         self.ctc_vocab = vocab
         self.ctc_segmenter = UnitSegmenter(self.tokenizer, vocab) if vocab is not None else None
+        self.ctc_heads = nn.ModuleDict()
+        if classifier == "linear":
+            d = self.llm.get_input_embeddings().weight.shape[1]
+            w = self.llm.get_input_embeddings().weight
+            for name in self.modalities:
+                # LayerNorm first: adaptor outputs are on the embeddings' small scale (RMS ~0.1 with target_rms)
+                head = nn.Sequential(nn.LayerNorm(d, elementwise_affine=False), nn.Linear(d, len(vocab))).to(device=w.device)
+                head.requires_grad_(self.stage.adaptor)
+                self.ctc_heads[name] = head
+
+    @property
+    def ctc_classifier(self) -> str:
+        return "linear" if len(self.ctc_heads) else "cosine"
+
+    def ctc_logits(self, name: str, out: Tensor) -> Tensor:
+        """Adaptor output [n, N, D] -> class logits [n, N, V] over ``ctc_vocab`` (all rows without one)."""
+        if name in self.ctc_heads:
+            return self.ctc_heads[name](out).float()
+        table = self.llm.get_input_embeddings().weight
+        return cosine_logits(out, table if self.ctc_vocab is None else table[self.ctc_vocab.to(table.device)])
 
     def on_fit_start(self) -> None:
         self.train()  # HF loads models in eval mode; Lightning keeps whatever mode it finds
@@ -110,7 +142,7 @@ class MultimodalLM(L.LightningModule):
             slots = input_ids == self.placeholder_ids[name]
             if getattr(m, "ctc_compress", False):
                 out, kept = ctc_compress(out, lengths, self.llm.get_input_embeddings().weight, self.placeholder_ids[name],
-                                         vocab=self.ctc_vocab, soft=m.ctc_compress == "soft")
+                                         vocab=self.ctc_vocab, soft=m.ctc_compress == "soft", logits=self.ctc_logits(name, out))
                 filler = valid_rows(torch.arange(out.shape[1], device=out.device).expand(out.shape[0], -1) >= kept[:, None],
                                     lengths)  # [sum(lengths)] True on the slots left empty
                 holes = torch.zeros_like(slots)
@@ -142,14 +174,14 @@ class MultimodalLM(L.LightningModule):
             outs = self.adapt_all(batch)
             result = {"loss": torch.zeros((), device=self.device)}
         if self.ctc_weight > 0:
-            table = self.llm.get_input_embeddings().weight
             targets = batch["ctc_targets"]
             if self.ctc_segmenter is not None:
                 targets = [self.ctc_segmenter(t) for t in targets]
+            vocab = None if self.ctc_vocab is None else self.ctc_vocab.to(self.device)
+            targets = to_classes(targets, vocab)
             for name, (out, lengths) in outs.items():
-                ctc = embedding_ctc_loss(out, lengths, batch["modal"][name]["sample_index"].to(out.device),
-                                         targets, table, self.placeholder_ids[name],
-                                         vocab=self.ctc_vocab)
+                ctc = ctc_loss(self.ctc_logits(name, out), lengths, batch["modal"][name]["sample_index"].to(out.device),
+                               targets, class_index(vocab, self.placeholder_ids[name]))
                 if ctc is not None:
                     result[f"ctc_{name}"] = ctc
                     result["loss"] = result["loss"] + self.ctc_weight * ctc
@@ -194,7 +226,8 @@ class MultimodalLM(L.LightningModule):
         table = self.llm.get_input_embeddings().weight
         for name, (out, lengths) in self.adapt_all(batch).items():
             owner = batch["modal"][name]["sample_index"].tolist()
-            hyps = greedy_ctc_decode(out, lengths, table, self.placeholder_ids[name], vocab=self.ctc_vocab)
+            hyps = greedy_ctc_decode(out, lengths, table, self.placeholder_ids[name], vocab=self.ctc_vocab,
+                                     logits=self.ctc_logits(name, out))
             for k, i in enumerate(owner):
                 if batch["ctc_targets"][i] and owner.count(i) == 1:
                     ref = normalize(batch["references"][i] or "")
