@@ -60,6 +60,42 @@ def build_trainer(cfg: DictConfig, out: Path, callbacks: list[L.Callback]) -> L.
                        logger=logger, default_root_dir=str(out))
 
 
+def _chain_metas(init_from: str) -> list[dict]:
+    """Metadata of ``init_from`` and its parents, newest first."""
+    metas, p = [], resolve_checkpoint(init_from)
+    while p is not None:
+        meta = read_checkpoint(p)[META_KEY]
+        metas.append(meta)
+        p = Path(meta["parent"]) if meta.get("parent") else None
+    return metas
+
+
+RUNTIME_MODALITY_KEYS = ("d_llm", "target_rms")  # filled from the LLM at run time, never inherited
+
+
+def _inherit_modality(cfg: DictConfig, metas: list[dict]) -> list[str]:
+    """stage=evaluate builds the modality as it was trained (adaptor kind, widths, compression, ...), so
+    ``stage=evaluate init_from=<run>`` works for any run; keys given on the command line still win.
+    Returns the keys taken from the checkpoint."""
+    saved = next((m["modality_cfg"] for m in metas if m.get("modality_cfg")), None)
+    if not saved or saved.get("_target_") != cfg.modality.get("_target_"):
+        return []
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        given = {o.split("=", 1)[0].lstrip("+~").removeprefix("modality.") for o in HydraConfig.get().overrides.task
+                 if o.lstrip("+~").startswith("modality.")}
+    except ValueError:  # no Hydra run (a plain compose): nothing was given on a command line
+        given = set()
+    taken = []
+    with open_dict(cfg):
+        for k, v in saved.items():
+            if k not in given and k not in RUNTIME_MODALITY_KEYS and cfg.modality.get(k) != v:
+                cfg.modality[k] = v
+                taken.append(k)
+    return taken
+
+
 def _prerequisite(cfg: DictConfig, policy: StagePolicy, modality: Any) -> list[dict]:
     """Metadata of the init_from chain (newest first), after checking the stage may start."""
     needs = policy.requires
@@ -71,11 +107,7 @@ def _prerequisite(cfg: DictConfig, policy: StagePolicy, modality: Any) -> list[d
                              f"or .ckpt> (run `python train.py stage={needs} modality={modality.name}` first; "
                              f"allow_no_init=true starts from scratch anyway)")
         return []
-    metas, p = [], resolve_checkpoint(cfg.init_from)
-    while p is not None:
-        meta = read_checkpoint(p)[META_KEY]
-        metas.append(meta)
-        p = Path(meta["parent"]) if meta.get("parent") else None
+    metas = _chain_metas(cfg.init_from)
     stages = [m["stage"] for m in metas]
     if needs and needs not in stages and policy.name not in stages and needs != "any":
         raise UsageError(f"init_from={cfg.init_from} holds stages {stages}; stage={policy.name} needs a {needs} run")
@@ -111,6 +143,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         return _write_metrics(out, run_forecast(cfg, out, instantiate_accepting, build_trainer))
 
+    if policy.name == "evaluate" and cfg.get("init_from"):
+        if taken := _inherit_modality(cfg, _chain_metas(cfg.init_from)):
+            log.info("evaluate: modality settings from the checkpoint: %s", {k: cfg.modality[k] for k in taken})
     lm = instantiate(cfg.llm.model)
     modality = instantiate_accepting(cfg.modality, d_llm=lm.hidden_size, target_rms=lm.embedding_rms)
     modalities = {modality.name: modality}
@@ -168,7 +203,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "parent": str(chain[0]) if chain else None, "lora": OmegaConf.to_container(cfg.llm.lora) if policy.lora else None,
             "system_prompt": cfg.data.get("system_prompt"),
             "ctc_vocab": model.ctc_vocab.tolist() if model.ctc_vocab is not None else None,
-            "ctc_classifier": model.ctc_classifier}
+            "ctc_classifier": model.ctc_classifier,
+            "modality_cfg": {k: v for k, v in OmegaConf.to_container(cfg.modality, resolve=True).items()
+                             if k not in RUNTIME_MODALITY_KEYS}}
     stop = StopFile(out / "STOP")
     trainer = build_trainer(cfg, out, [stats, TrainableOnlyCheckpoint(meta), stop, *extra])
     trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("resume"))

@@ -55,7 +55,21 @@ def test_phase2_needs_an_align_run_and_inherits_its_ctc_classes(phase1, speech_c
     assert _meta(tmp_path / "b")["ctc_vocab"] == _meta(out / "a")["ctc_vocab"]
     header = (tmp_path / "b" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "train/lm_loss" in header and "train/ctc_speech" in header
-    ev = run(cfg_for(TINY + ["stage=evaluate", "modality.ctc_compress=soft", "modality.adaptor=transformer"] + SHRINK
-                     + [f"init_from={tmp_path}/b", f"paths.output_dir={tmp_path}/ev", f"data.eval_manifest={speech_corpus}/eval.jsonl",
-                        "eval.max_new_tokens=3"]))
-    assert ev["ctc_vocab"] == m["ctc_vocab"]  # evaluate compresses over the classes the adaptor learned
+    # the contract command, no modality keys: evaluate builds the adaptor as trained (transformer, widths, soft)
+    ev = run(cfg_for(TINY + ["stage=evaluate", f"init_from={tmp_path}/b", f"paths.output_dir={tmp_path}/ev",
+                             f"data.eval_manifest={speech_corpus}/eval.jsonl", "data.max_eval_samples=2", "eval.max_new_tokens=3"]))
+    assert ev["ctc_vocab"] == m["ctc_vocab"] and "wer" in ev  # compresses over the classes the adaptor learned
+
+
+def test_evaluate_inherits_the_trained_modality_but_the_command_line_wins():
+    from tasks.runner import _inherit_modality
+
+    cfg = cfg_for(TINY + ["stage=evaluate", "modality.hidden=99"])
+    saved = {"_target_": cfg.modality._target_, "adaptor": "transformer", "hidden": 32, "layers": 1, "ctc_compress": "soft",
+             "d_llm": 576}
+    taken = _inherit_modality(cfg, [{"stage": "align", "modality_cfg": saved}])
+    assert cfg.modality.adaptor == "transformer" and cfg.modality.layers == 1 and cfg.modality.ctc_compress == "soft"
+    assert cfg.modality.hidden == 99 and "hidden" not in taken   # given on the command line: kept
+    assert "d_llm" not in taken                                  # filled from the LLM at run time, never inherited
+    other = cfg_for(["llm=tiny", "stage=evaluate", "modality=stock"])
+    assert _inherit_modality(other, [{"modality_cfg": saved}]) == []  # another modality's settings never leak in
