@@ -163,20 +163,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = MultimodalLM(lm.model, lm.tokenizer, modalities, {k: placeholder_ids[m.placeholder] for k, m in modalities.items()},
                          policy, lora=lora, optim=optim, aux_weight=cfg.stage.get("aux_weight", 0.0), llm_name=lm.name,
                          ctc_weight=cfg.stage.get("ctc_weight", 0.0), lm_weight=cfg.stage.get("lm_weight", 1.0))
-    dm = instantiate(cfg.data, tokenizer=lm.tokenizer, modalities=modalities, placeholder_ids=model.placeholder_ids)
-    dm.prepare_data()
-    _precompute_caches(dm, modalities)
-    # CTC classes (and a trained classifier over them) before loading the chain, which may hold that classifier
+    # the CTC classes the chain's adaptor was trained against (and its classifier, which the chain holds)
     inherited = next((m for m in metas if m.get("ctc_vocab")), None)
-    if inherited is not None:  # the classes the adaptor was trained against; compression must use them too
+    if inherited is not None:
         model.set_ctc_vocab(torch.tensor(inherited["ctc_vocab"], dtype=torch.long), inherited.get("ctc_classifier", "cosine"))
-    elif model.ctc_weight > 0 and cfg.stage.get("ctc_vocab", "full") == "corpus":
-        model.set_ctc_vocab(_corpus_ctc_vocab(dm, lm.tokenizer, list(model.placeholder_ids.values()),
-                                              cfg.stage.get("ctc_min_count", 1)), cfg.stage.get("ctc_classifier", "cosine"))
     chain: list[Path] = []
     if cfg.get("init_from"):
         chain = load_chain(model, cfg.init_from, lm.name, list(modalities),
                            prefix_for_stage={"forecast": f"modalities.{modality.name}."})
+    dm = instantiate(cfg.data, tokenizer=lm.tokenizer, modalities=modalities, placeholder_ids=model.placeholder_ids)
+    dm.prepare_data()
+    _precompute_caches(dm, modalities)
+    if inherited is None and model.ctc_weight > 0 and cfg.stage.get("ctc_vocab", "full") == "corpus":
+        model.set_ctc_vocab(_corpus_ctc_vocab(dm, lm.tokenizer, list(model.placeholder_ids.values()),
+                                              cfg.stage.get("ctc_min_count", 1)), cfg.stage.get("ctc_classifier", "cosine"))
     metrics: dict[str, Any] = {"stage": policy.name, "modality": modality.name, "llm": lm.name,
                                "init_from": [str(p) for p in chain], "system_prompt": cfg.data.get("system_prompt")}
     if model.ctc_vocab is not None:
