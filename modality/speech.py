@@ -182,6 +182,7 @@ class SpeechModality(Modality):
         layers: int = 2,
         heads: int = 8,
         ctc_compress: bool | str = False,
+        time_mask: float = 0.0,
     ):
         super().__init__()
         self.hp = SpeechHParams(int(d_llm), stack, adaptor, hidden, target_rms, max_seconds, overlong, layers, heads)
@@ -191,6 +192,9 @@ class SpeechModality(Modality):
         # MultimodalLM drops CTC blanks and merges repeats (tasks.ctc): "mean" of the adaptor outputs, or
         # "soft": each position's class distribution mapped through the LLM's embedding rows (text it knows)
         self.ctc_compress = compress_mode(ctc_compress)
+        if not 0 <= time_mask < 1:
+            raise ValueError(f"time_mask must be in [0, 1), got {time_mask}")
+        self.time_mask = float(time_mask)
         self.d_llm = self.hp.d_llm
         self.encoder = _load_encoder(encoder_name, tiny)
         cfg = self.encoder.config
@@ -263,10 +267,23 @@ class SpeechModality(Modality):
         t = hidden.shape[1]
         valid = torch.arange(t, device=w.device)[None, :] < lengths[:, None]
         x = hidden.to(w) * valid[..., None].to(w)  # padded rows must not leak into a block or conv window
+        if self.time_mask > 0 and self.adaptor.training:
+            x = x * ~self._time_spans(lengths, t)[..., None]
         pad = -t % self.hp.stack
         x = F.pad(x, (0, 0, 0, pad))  # [B, T' + pad, H]
         out_len = -(-lengths // self.hp.stack)
         return self.adaptor(x, out_len), out_len
+
+    def _time_spans(self, lengths: Tensor, t: int, span: int = 10) -> Tensor:
+        """SpecAugment-style time masking of the encoder frames (training only): spans of ``span`` frames
+        (0.2 s) at random places, ~``time_mask`` of each clip in all. Why: the adaptor must read a word from
+        its context too, which is what unseen voices and unseen sentences need. Returns [B, t] bool (True = masked)."""
+        masked = torch.zeros(len(lengths), t, dtype=torch.bool, device=lengths.device)
+        for b, n in enumerate(lengths.tolist()):
+            for _ in range(int(n * self.time_mask / span + 0.5)):
+                start = int(torch.randint(0, max(1, n - span), ()))
+                masked[b, start:start + span] = True
+        return masked
 
     # ------------------------------------------------------------------ encoder-output cache
     @property

@@ -158,3 +158,21 @@ def test_encoder_from_a_local_hf_folder(tmp_path: Path) -> None:
     torch.testing.assert_close(m.encoder.conv1.weight, full.model.encoder.conv1.weight)
     emb, n = m.encode(m.featurize(_chirp(0.5))[None], torch.ones(1, 50, dtype=torch.bool))
     assert emb.shape == (1, m.output_length(50), D_LLM) and n.item() == 13
+
+
+def test_time_mask_zeroes_spans_in_training_only() -> None:
+    m = _make(time_mask=0.3, adaptor="mlp")
+    lengths = torch.tensor([200, 120])
+    spans = m._time_spans(lengths, 200)
+    frac = spans[0].float().mean().item()
+    assert 0.1 < frac <= 0.31 and not spans[1, 120:].any()           # ~30 % of each clip, never past its end
+    hidden = torch.randn(2, 200, m.hidden_size)
+    m.eval()
+    a, _ = m.adapt(hidden, lengths)
+    b, _ = m.adapt(hidden, lengths)
+    assert torch.equal(a, b)                                           # eval: no masking
+    m.adaptor.train()
+    c, _ = m.adapt(hidden, lengths)
+    assert not torch.allclose(a, c)                                    # training: frames were masked
+    with pytest.raises(ValueError, match="time_mask"):
+        _make(time_mask=1.0)
