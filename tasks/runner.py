@@ -74,8 +74,9 @@ RUNTIME_MODALITY_KEYS = ("d_llm", "target_rms")  # filled from the LLM at run ti
 
 
 def _inherit_modality(cfg: DictConfig, metas: list[dict]) -> list[str]:
-    """stage=evaluate builds the modality as it was trained (adaptor kind, widths, compression, ...), so
-    ``stage=evaluate init_from=<run>`` works for any run; keys given on the command line still win.
+    """stage=evaluate / instruct build the modality as the chain trained it (adaptor kind, widths, compression,
+    ...), so ``stage=instruct|evaluate init_from=<run>`` works for any run; keys given on the command line win.
+    (An align run continuing an align run keeps its own config: it may change compression on purpose.)
     Returns the keys taken from the checkpoint."""
     saved = next((m["modality_cfg"] for m in metas if m.get("modality_cfg")), None)
     if not saved or saved.get("_target_") != cfg.modality.get("_target_"):
@@ -143,9 +144,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         return _write_metrics(out, run_forecast(cfg, out, instantiate_accepting, build_trainer))
 
-    if policy.name == "evaluate" and cfg.get("init_from"):
+    if policy.name in ("evaluate", "instruct") and cfg.get("init_from"):
         if taken := _inherit_modality(cfg, _chain_metas(cfg.init_from)):
-            log.info("evaluate: modality settings from the checkpoint: %s", {k: cfg.modality[k] for k in taken})
+            log.info("%s: modality settings from the checkpoint: %s", policy.name, {k: cfg.modality[k] for k in taken})
     lm = instantiate(cfg.llm.model)
     modality = instantiate_accepting(cfg.modality, d_llm=lm.hidden_size, target_rms=lm.embedding_rms)
     modalities = {modality.name: modality}

@@ -59,6 +59,11 @@ def test_phase2_needs_an_align_run_and_inherits_its_ctc_classes(phase1, speech_c
     ev = run(cfg_for(TINY + ["stage=evaluate", f"init_from={tmp_path}/b", f"paths.output_dir={tmp_path}/ev",
                              f"data.eval_manifest={speech_corpus}/eval.jsonl", "data.max_eval_samples=2", "eval.max_new_tokens=3"]))
     assert ev["ctc_vocab"] == m["ctc_vocab"] and "wer" in ev  # compresses over the classes the adaptor learned
+    c = speech_corpus
+    ins = run(cfg_for(TINY + ["stage=instruct", "trainer.max_steps=1", "eval.before=false", f"init_from={tmp_path}/b",
+                              f"paths.output_dir={tmp_path}/ins", f"data.train_files={c}/instruct_train.json",
+                              f"data.eval_files={c}/instruct_eval.json", "data.max_eval_samples=2", "eval.max_new_tokens=3"]))
+    assert ins["steps"] == 1 and ins["ctc_vocab"] == m["ctc_vocab"]  # instruct, too, builds the adaptor as trained
 
 
 def test_evaluate_inherits_the_trained_modality_but_the_command_line_wins():
