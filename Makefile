@@ -8,7 +8,7 @@ DEMO_INSTRUCT_BATCH ?= 4
 APT_PACKAGES = espeak-ng sox libsndfile1 fortunes fortunes-min
 export PYTHONUNBUFFERED=1
 
-.PHONY: install apt pip data data-long demo test test-fast bench clean
+.PHONY: install apt pip data data-long align-long demo test test-fast bench clean
 
 install: apt pip
 
@@ -25,9 +25,16 @@ pip:
 data: install
 	$(PY) -m data.build_speech --out data_cache/speech --n-align 1200 --n-instruct 400 --jobs 2
 
-# the larger align corpus of experiment=speech_align_long's later phases (10,200 train clips, every train sentence)
+# the larger align corpus of the long alignment recipe (10,200 train clips, every train sentence)
 data-long: install
 	$(PY) -m data.build_speech --out data_cache/speech_long --n-align 12000 --align-only --jobs 2
+
+# the long alignment recipe: CTC-only spelling (phase 1), then LoRA + soft compression (phase 2), then held-out WER
+align-long: data-long
+	$(PY) train.py experiment=speech_align_ctc paths.output_dir=outputs/align_ctc
+	$(PY) train.py experiment=speech_align_long init_from=outputs/align_ctc paths.output_dir=outputs/align_long
+	$(PY) train.py stage=evaluate modality=speech init_from=outputs/align_long data.eval_manifest=data_cache/speech_long/eval.jsonl \
+	  data.max_eval_samples=100 paths.output_dir=outputs/align_long_eval
 
 demo: data
 	$(PY) train.py stage=align modality=speech trainer.max_steps=$(DEMO_ALIGN_STEPS) data.max_eval_samples=32 \

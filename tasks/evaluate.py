@@ -43,6 +43,28 @@ def wer(refs: Iterable[str], hyps: Iterable[str]) -> float:
     return errors / max(1, words)
 
 
+def trim_repeats(text: str, min_copies: int = 3, max_period: int = 8) -> str:
+    """Cut a decoding loop: a tail that repeats one block of 1..``max_period`` words ``min_copies``+ times
+    (the last copy may be cut short by max_new_tokens) keeps one copy. Why: greedy decoding of a
+    half-trained model can loop until max_new_tokens ("are verifiable and are verifiable and ..."),
+    and each loop adds dozens of insertions to the WER, as Whisper's compression-ratio check guards
+    against. Both scores are reported (``wer`` on trimmed, ``wer_raw`` on raw predictions)."""
+    words = text.split()
+    keys = [re.sub(r"[^a-z0-9']", "", w.lower()) for w in words]
+    best = len(words)
+    for end in (len(keys), len(keys) - 1):  # the last word may be cut off mid-copy
+        for n in range(1, max_period + 1):
+            run = 0  # how many trailing positions (before ``end``) agree with the position n earlier
+            for i in range(end - 1, n - 1, -1):
+                if keys[i] != keys[i - n]:
+                    break
+                run += 1
+            start = end - run - n  # the loop's first copy starts here
+            if run + n >= min_copies * n and start + n < best:
+                best = start + n
+    return " ".join(words[:best])
+
+
 def answer_correct(reference: str, prediction: str) -> bool:
     """The reference's words appear, in order and contiguous, in the prediction."""
     ref, hyp = normalize(reference), normalize(prediction)
@@ -91,9 +113,14 @@ def run_generation(model, loader, max_new_tokens: int, predictions_path: Path | 
             types.append(t)
             refs.append(r or "")
             preds.append(p)
-            rows.append({"id": batch["ids"][i], "type": t, "reference": r, "prediction": p})
+            trimmed = trim_repeats(p)
+            rows.append({"id": batch["ids"][i], "type": t, "reference": r, "prediction": trimmed,
+                         **({"raw_prediction": p} if trimmed != p else {})})
     model.train(was_training)
-    metrics = score(types, refs, preds)
+    metrics = score(types, refs, [trim_repeats(p) for p in preds])
+    if "wer" in metrics:
+        metrics["wer_raw"] = score(types, refs, preds)["wer"]
+    metrics["trimmed_loops"] = sum("raw_prediction" in r for r in rows)
     metrics["eval_skipped"] = len(skipped)
     if predictions_path is not None:
         predictions_path.parent.mkdir(parents=True, exist_ok=True)

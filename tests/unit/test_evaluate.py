@@ -1,0 +1,35 @@
+"""Transcript scoring: normalisation, WER, and cutting greedy-decoding loops (both scores kept)."""
+
+from tasks.evaluate import trim_repeats
+
+
+def test_trim_repeats_cuts_decoding_loops_only():
+    loop = "Theories are verifiable and are verifiable and are verifiable and are verifiable and are veri"
+    assert trim_repeats(loop) == "Theories are verifiable and"        # one copy kept, the cut-off word too
+    assert trim_repeats("I'm a n'w'r, I'm a n'w'r, I'm a n'w'r, I'm a n'w'r") == "I'm a n'w'r,"
+    assert trim_repeats("ha ha ha ha") == "ha"
+    natural = "We learn from history that we do not learn from history."
+    assert trim_repeats(natural) == natural                            # a repeat, not a loop: kept
+    assert trim_repeats("no no") == "no no" and trim_repeats("") == ""
+
+
+def test_run_generation_scores_trimmed_predictions_and_keeps_the_raw_ones(tmp_path):
+    import json
+
+    import torch
+
+    from tasks.evaluate import run_generation
+
+    class Fake(torch.nn.Module):
+        device = torch.device("cpu")
+
+        def generate(self, batch, max_new_tokens):
+            return ["all it costs is my soul soul soul soul soul", "they know the world"]
+
+    batch = {"skipped": [], "input_ids": torch.zeros(2, 3, dtype=torch.long), "types": ["asr", "asr"],
+             "references": ["All it costs is my soul!", "They know the world."], "ids": ["a", "b"]}
+    m = run_generation(Fake(), [batch], 8, tmp_path / "p.jsonl")
+    assert m["wer"] == 0.0 and m["wer_raw"] == 0.4 and m["trimmed_loops"] == 1
+    rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert rows[0]["prediction"] == "all it costs is my soul" and rows[0]["raw_prediction"].endswith("soul soul")
+    assert "raw_prediction" not in rows[1]
