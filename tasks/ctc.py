@@ -1,8 +1,15 @@
-"""Auxiliary CTC loss that pulls adaptor outputs towards the LLM's own token embeddings.
+"""CTC over LLM tokens: the adaptor learns to spell the transcript in the LLM's own vocabulary.
 
-For transcript samples, each adaptor position is classified over the LLM vocabulary by cosine
-similarity with the (frozen) input-embedding table; the placeholder row serves as the CTC blank.
-This gives the adaptor a dense, per-position signal that the LM loss alone lacks.
+For transcript samples, each adaptor position is classified over LLM token classes (the placeholder
+token is the CTC blank): a dense, per-position signal that the LM loss alone lacks, and one that needs
+no LLM forward at all (stage.lm_weight=0). Pieces:
+
+* classes: a corpus vocabulary (``corpus_vocab``: tokens seen >= min_count times + single characters);
+  ``UnitSegmenter`` re-spells rarer words with them, so every target is spellable;
+* classifier: ``cosine_logits`` against the frozen embedding rows, or a trained linear head
+  (MultimodalLM.ctc_logits), turned into a loss by ``ctc_loss``;
+* readout: ``greedy_ctc_decode`` (what the adaptor says) and ``ctc_compress`` (blanks dropped, runs
+  merged; ``soft`` feeds ``p @ E`` to the LLM).
 
 The cosine is taken after subtracting the classes' mean row from both sides. Why: SmolLM2's
 embedding rows share a common direction (mean pairwise cosine 0.44, nearest other row 0.66 on
