@@ -39,6 +39,10 @@ def test_ctc_only_phase_never_runs_the_llm_and_logs_the_ctc_readout(phase1, tiny
     assert "train/ctc_speech" in header and "val/ctc_wer" in header
     assert "train/lm_loss" not in header  # no LM loss: the LLM's forward is skipped
     vocab = _meta(out / "a")["ctc_vocab"]
+    ckpt = torch.load(out / "a" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["mmlm"]["ctc_classifier"] == "linear"
+    assert ckpt["state_dict"]["ctc_heads.speech.1.weight"].shape[0] == len(vocab)  # the trained classifier is saved
+    assert not any(k.startswith("llm.") for k in ckpt["state_dict"])               # and nothing of the LLM
     assert vocab == sorted(vocab) and set(single_char_tokens(tiny_lm.tokenizer)) <= set(vocab)
     assert m["ctc_vocab"] == len(vocab)
 
