@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 
 def load_split(sp, manifest: Path, limit: int | None) -> list[tuple[torch.Tensor, str]]:
@@ -65,6 +64,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         cosine_logits,
         ctc_loss,
         greedy_ctc_decode,
+        linear_head,
         single_char_tokens,
         to_classes,
     )
@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 targets = {t: to_classes([seg(ids)], vocab)[0] for t, ids in raw.items()}
                 sub, sub_blank = table[vocab], class_index(vocab, blank)
                 print(f"CTC over {len(vocab)} classes", flush=True)
-            head = (nn.Sequential(nn.LayerNorm(lm.hidden_size, elementwise_affine=False), nn.Linear(lm.hidden_size, len(vocab)))
-                    if classifier == "linear" else None)
+            head = linear_head(lm.hidden_size, len(vocab)) if classifier == "linear" else None
 
             def logits(out, head=head, sub=sub):
                 return head(out).float() if head is not None else cosine_logits(out, sub)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def to_classes(targets: list[list[int] | None], vocab: Tensor | None) -> list[list[int] | None]:
@@ -149,6 +149,12 @@ class UnitSegmenter:
                     break
             self.cache[key] = out
         return self.cache[key]
+
+
+def linear_head(d: int, n_classes: int) -> nn.Module:
+    """The trained CTC classifier (stage.ctc_classifier=linear): LayerNorm first, since adaptor outputs sit on
+    the embeddings' small scale (RMS ~0.1 with target_rms), then Linear(d -> classes)."""
+    return nn.Sequential(nn.LayerNorm(d, elementwise_affine=False), nn.Linear(d, n_classes))
 
 
 def cosine_logits(out: Tensor, rows: Tensor, scale: float = 30.0) -> Tensor:

@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from data.collate import IGNORE
 from llm.lora import LoraSpec, apply_lora, backbone_and_head
-from tasks.ctc import UnitSegmenter, class_index, cosine_logits, ctc_compress, ctc_loss, greedy_ctc_decode, to_classes
+from tasks.ctc import (UnitSegmenter, class_index, cosine_logits, ctc_compress, ctc_loss, greedy_ctc_decode,
+                      linear_head, to_classes)
 from tasks.merge import merge_embeddings, valid_rows
 from tasks.stages import StagePolicy, apply_stage
 
@@ -103,11 +104,9 @@ class MultimodalLM(L.LightningModule):
         self.ctc_segmenter = UnitSegmenter(self.tokenizer, vocab) if vocab is not None else None
         self.ctc_heads = nn.ModuleDict()
         if classifier == "linear":
-            d = self.llm.get_input_embeddings().weight.shape[1]
             w = self.llm.get_input_embeddings().weight
             for name in self.modalities:
-                # LayerNorm first: adaptor outputs are on the embeddings' small scale (RMS ~0.1 with target_rms)
-                head = nn.Sequential(nn.LayerNorm(d, elementwise_affine=False), nn.Linear(d, len(vocab))).to(device=w.device)
+                head = linear_head(w.shape[1], len(vocab)).to(device=w.device)
                 head.requires_grad_(self.stage.adaptor)
                 self.ctc_heads[name] = head
 
