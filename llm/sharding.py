@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,38 @@ def configure_sharding(module: nn.Module) -> None:
     shard_multimodal(module, strategy.device_mesh["data_parallel"], **strategy.shard_kwargs)
     if hasattr(module, "generate"):
         module.generate = _no_generate
+
+
+class _SyncExitLauncher(_MultiProcessingLauncher):
+    """Spawned ranks leave the process group together once rank 0 has handed back its results.
+
+    Left to exit on its own, a rank that finishes first tears gloo down while its peer still runs
+    (observed: ``terminate called without an active exception``, the parent then reports SIGABRT
+    for a run that had finished).
+    """
+
+    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+        super()._wrapping_function(*args, **kwargs)
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Barrier, then destroy the default process group (no-op when none is up)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+class SpawnDDPStrategy(DDPStrategy):
+    """DDP over ``torch.multiprocessing`` (trainer=ddp_spawn) whose ranks exit in step."""
+
+    def __init__(self, *args: Any, start_method: str = "spawn", **kwargs: Any) -> None:
+        super().__init__(*args, start_method=start_method, **kwargs)
+
+    def _configure_launcher(self) -> None:
+        self._launcher = _SyncExitLauncher(self, start_method=self._start_method)
 
 
 # ------------------------------------------------------------------ early validation

@@ -115,9 +115,12 @@ class SpeechAdaptor(nn.Module):
     """
 
     def __init__(self, d_in: int, d_llm: int, stack: int, hidden: int, kind: str, target_rms: float | None,
-                 layers: int = 2, heads: int = 8):
+                 layers: int = 2, heads: int = 8, n_states: int = 1):
         super().__init__()
-        self.stack, self.kind, self.target_rms = stack, kind, target_rms
+        self.stack, self.kind, self.target_rms, self.d_in = stack, kind, target_rms, d_in
+        # several encoder hidden states in: a learned softmax-weighted sum of the layer-normed states
+        # (SUPERB-style); starts as their plain mean
+        self.layer_weights = nn.Parameter(torch.zeros(n_states)) if n_states > 1 else None
         if kind in ("mlp", "transformer"):
             self.fc1 = nn.Linear(d_in * stack, hidden)
         else:  # kernel 2*stack, stride stack: each output sees its own block plus half a block either side
@@ -134,6 +137,8 @@ class SpeechAdaptor(nn.Module):
 
         ``lengths`` (output positions per row) masks padded positions out of the transformer's attention.
         """
+        if self.layer_weights is not None:
+            x = self.mix_states(x)
         b, t, h = x.shape
         s = self.stack
         if self.kind == "conv":
@@ -147,6 +152,28 @@ class SpeechAdaptor(nn.Module):
         if self.norm is not None:
             y = self.norm(y) * self.target_rms
         return y
+
+
+    def mix_states(self, x: Tensor) -> Tensor:
+        """[B, T, K*H] (K encoder states side by side) -> [B, T, H]; all-zero (padded) rows stay zero."""
+        b, t, _ = x.shape
+        states = F.layer_norm(x.view(b, t, -1, self.d_in), (self.d_in,))  # [B, T, K, H], each state normed
+        return torch.einsum("btkh,k->bth", states, self.layer_weights.softmax(0))
+
+
+def encoder_states(spec: str | list | tuple, n_layers: int) -> tuple[int, ...]:
+    """modality.encoder_layers -> hidden-state indices (0 = conv + positions, i = after layer i).
+
+    "last" (the final layer, layer-normed, as Whisper's decoder reads it), "all", or a list of indices.
+    """
+    if spec == "last":
+        return (n_layers,)
+    if spec == "all":
+        return tuple(range(n_layers + 1))
+    ids = tuple(int(i) for i in (spec if isinstance(spec, (list, tuple)) else str(spec).split(",")))
+    if not ids or sorted(set(ids)) != list(ids) or ids[0] < 0 or ids[-1] > n_layers:
+        raise ValueError(f"encoder_layers must be 'last', 'all' or increasing indices in 0..{n_layers}, got {spec!r}")
+    return ids
 
 
 def compress_mode(value: bool | str | None) -> str | bool:
@@ -183,6 +210,7 @@ class SpeechModality(Modality):
         heads: int = 8,
         ctc_compress: bool | str = False,
         time_mask: float = 0.0,
+        encoder_layers: str | list = "last",
     ):
         super().__init__()
         self.hp = SpeechHParams(int(d_llm), stack, adaptor, hidden, target_rms, max_seconds, overlong, layers, heads)
@@ -200,9 +228,11 @@ class SpeechModality(Modality):
         cfg = self.encoder.config
         self.n_mels, self.hidden_size = cfg.num_mel_bins, cfg.d_model
         self.max_frames = cfg.max_source_positions  # encoder positions; 1500 = 30 s
+        self.states = encoder_states(encoder_layers if isinstance(encoder_layers, str) else list(encoder_layers),
+                                     cfg.encoder_layers)
         self.register_buffer("mel_fb", mel_filters(self.n_mels), persistent=False)
         self.adaptor = SpeechAdaptor(self.hidden_size, self.d_llm, self.hp.stack, self.hp.hidden, self.hp.adaptor,
-                                     self.hp.target_rms, self.hp.layers, self.hp.heads)
+                                     self.hp.target_rms, self.hp.layers, self.hp.heads, n_states=len(self.states))
         self._fingerprint: str | None = None
         _ = self.fingerprint  # now, while the encoder is on the CPU (DataLoader workers may not touch CUDA)
         self.set_trainable(encoder=False, adaptor=True)
@@ -238,7 +268,10 @@ class SpeechModality(Modality):
 
     # ------------------------------------------------------------------ model side
     def encode_frozen(self, features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """log-mel [B, T, n_mels] + mask [B, T] -> (hidden [B, T', H], lengths [B]), T' = ceil(T / 2)."""
+        """log-mel [B, T, n_mels] + mask [B, T] -> (hidden [B, T', K*H], lengths [B]), T' = ceil(T / 2).
+
+        K = the number of ``encoder_layers`` states, side by side (K = 1, the final layer, by default).
+        """
         enc = self.encoder
         p = next(enc.parameters())
         mask = mask.to(p.device)
@@ -255,10 +288,13 @@ class SpeechModality(Modality):
         x = F.dropout(x, p=enc.config.dropout, training=enc.training)
         bias = torch.zeros(valid.shape, dtype=p.dtype, device=p.device).masked_fill(~valid, torch.finfo(p.dtype).min)
         bias = bias[:, None, None, :].expand(-1, 1, t_out, -1)  # [B, 1, T'(query), T'(key)]: no key past the end
+        states = []  # index i: the residual stream after i layers; the last one layer-normed
         for layer in enc.layers:
+            states.append(x)
             x = layer(x, bias)
-        x = enc.layer_norm(x) * valid[..., None].to(p)
-        return x, lengths
+        states.append(enc.layer_norm(x))  # the final state as Whisper's decoder reads it
+        x = torch.cat([states[i] for i in self.states], dim=-1)  # K x [B, T', H] -> [B, T', K*H]
+        return x * valid[..., None].to(p), lengths
 
     def adapt(self, hidden: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """hidden [B, T', H] -> (embeddings [B, ceil(T'/stack), d_llm], lengths ceil(len/stack))."""
@@ -300,11 +336,13 @@ class SpeechModality(Modality):
             raise ValueError("cache_dir is not set")
         st = path.stat()
         key = f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}|{self.fingerprint}|{self.hp.max_seconds}|{self.hp.overlong}"
+        if self.states != (self.encoder.config.encoder_layers,):  # the final state alone keeps its old key
+            key += f"|states={self.states}"
         digest = hashlib.sha1(key.encode()).hexdigest()
         return Path(self.cache_dir) / digest[:2] / f"{digest}.safetensors"
 
     def load_features(self, ref: Any, root: str | None = None) -> tuple[Tensor, str]:
-        """(log-mel, "features"); with ``cache_dir`` set, (cached encoder output [T', H], "hidden")."""
+        """(log-mel, "features"); with ``cache_dir`` set, (cached encoder output [T', K*H], "hidden")."""
         if self.cache_dir is None:
             return self.featurize(self.load(ref, root)), "features"
         path = self.resolve(ref, root)

@@ -13,7 +13,8 @@ from hydra.utils import instantiate
 
 from llm.lora import LoraSpec, apply_lora
 from llm.plan import SavedTensorMeter
-from llm.sharding import FSDP2Strategy, check_scale, decoder_layers, shard_multimodal, world_size
+from llm.sharding import (FSDP2Strategy, SpawnDDPStrategy, _SyncExitLauncher, check_scale, decoder_layers,
+                          leave_process_group, shard_multimodal, world_size)
 from tasks.checkpoint import META_KEY, load_chain
 from tests.unit.helpers import batch_for, build, toy_records
 
@@ -66,7 +67,10 @@ def test_trainer_configs_compose_and_build_their_strategies():
     assert trainer.strategy.shard_kwargs == {"param_dtype": None, "reduce_dtype": None, "reshard_after_forward": True}
     ddp = instantiate(trainer_cfg("trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu").strategy)
     assert isinstance(ddp, DDPStrategy) and ddp._ddp_kwargs["find_unused_parameters"] is False
-    assert trainer_cfg("trainer=ddp_spawn").strategy.start_method == "spawn"
+    spawn = instantiate(trainer_cfg("trainer=ddp_spawn", "trainer.devices=2", "trainer.accelerator=cpu"),
+                        logger=False, enable_progress_bar=False)
+    assert isinstance(spawn.strategy, SpawnDDPStrategy) and spawn.strategy._start_method == "spawn"
+    assert isinstance(spawn.strategy.launcher, _SyncExitLauncher)  # ranks leave the group together
     assert trainer_cfg("trainer=gpu").precision == "bf16-mixed"
     with pytest.raises(ValueError, match="save_distributed_checkpoint"):
         FSDP2Strategy(save_distributed_checkpoint=True)
@@ -87,7 +91,16 @@ def gloo_world():
     try:
         yield init_device_mesh("cpu", (1,))
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_spawned_rank_leaves_the_process_group_at_its_end(gloo_world):
+    import torch.distributed as dist
+
+    leave_process_group()
+    assert not dist.is_initialized()  # nothing left for the exit-time teardown to race over
+    leave_process_group()  # and a second call (no group) is a no-op
 
 
 def test_fsdp2_layout_shards_llm_and_adaptor_not_frozen_encoder(tiny_lm, toy_modality, gloo_world):

@@ -81,7 +81,8 @@ def test_target_rms_sets_output_scale() -> None:
 
 
 BAD = [{"stack": 0}, {"adaptor": "lstm"}, {"max_seconds": 31}, {"d_llm": 0}, {"target_rms": -1.0}, {"overlong": "skip"},
-       {"adaptor": "transformer", "heads": 3}, {"adaptor": "transformer", "layers": 0}]
+       {"adaptor": "transformer", "heads": 3}, {"adaptor": "transformer", "layers": 0},
+       {"encoder_layers": [0, 3]}, {"encoder_layers": [2, 1]}, {"encoder_layers": "first"}]
 
 
 @pytest.mark.parametrize("bad", BAD)
@@ -141,6 +142,35 @@ def test_encoder_output_cache(tmp_path: Path) -> None:
     assert other.cache_path(tmp_path / "new.wav") != m.cache_path(tmp_path / "new.wav")
     no_cache = _make()
     assert no_cache.load_features("new.wav", root=str(tmp_path))[1] == "features"
+
+
+def test_several_encoder_states_weighted_sum(tmp_path: Path) -> None:
+    """encoder_layers='all': the states side by side, the final one identical to the default's; the adaptor
+    learns their weights; a cache of several states never answers for one state."""
+    last, every = _make(cache_dir=str(tmp_path)), _make(encoder_layers="all", cache_dir=str(tmp_path))
+    every.encoder.load_state_dict(last.encoder.state_dict())
+    feats = last.featurize(_chirp(1.3))[None]
+    mask = torch.ones(1, feats.shape[1], dtype=torch.bool)
+    with torch.no_grad():
+        h1, n1 = last.encode_frozen(feats, mask)
+        hk, nk = every.encode_frozen(feats, mask)
+    assert every.states == (0, 1, 2) and hk.shape[-1] == 3 * h1.shape[-1] and torch.equal(n1, nk)
+    torch.testing.assert_close(hk[..., -h1.shape[-1]:], h1)  # the final state is the default's output
+    assert not torch.allclose(hk[..., :h1.shape[-1]], h1)    # the others are earlier states, not copies
+    assert _make(encoder_layers=[1, 2]).states == (1, 2)
+    # the weights train with the adaptor and move the output
+    names = {n for n, p in every.named_parameters() if p.requires_grad}
+    assert "adaptor.layer_weights" in names and all(n.startswith("adaptor.") for n in names)
+    out, _ = every.adapt(hk, nk)
+    out.square().sum().backward()
+    assert every.adaptor.layer_weights.grad.abs().sum() > 0
+    every.adaptor.layer_weights.data = torch.tensor([5.0, -5.0, -5.0])
+    with torch.no_grad():
+        assert not torch.allclose(every.adapt(hk, nk)[0], out)
+    # padded (zero) rows stay zero through the mix
+    assert every.adaptor.mix_states(torch.zeros(1, 2, hk.shape[-1])).abs().sum() == 0
+    sf.write(tmp_path / "c.wav", _chirp(0.5).numpy(), 16000)
+    assert every.cache_path(tmp_path / "c.wav") != last.cache_path(tmp_path / "c.wav")
 
 
 def test_encoder_from_a_local_hf_folder(tmp_path: Path) -> None:
