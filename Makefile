@@ -5,15 +5,15 @@ OUT ?= outputs/demo
 DEMO_ALIGN_STEPS ?= 90
 DEMO_INSTRUCT_STEPS ?= 60
 DEMO_INSTRUCT_BATCH ?= 4
-APT_PACKAGES = espeak-ng sox libsndfile1 fortunes fortunes-min
+APT_PACKAGES = espeak-ng sox libsndfile1 fortunes fortunes-min wordnet-base
 export PYTHONUNBUFFERED=1
 
-.PHONY: install apt pip data data-long align-long demo test test-fast bench clean
+.PHONY: install apt pip data data-long data-wordnet align-long demo test test-fast bench clean
 
 install: apt pip
 
 apt:
-	@if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null || ! [ -f /usr/share/games/fortunes/wisdom ]; then \
+	@if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null || ! [ -f /usr/share/games/fortunes/wisdom ] || ! [ -f /usr/share/wordnet/data.noun ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
 	fi
@@ -28,6 +28,10 @@ data: install
 # the larger align corpus of the long alignment recipe (10,200 train clips, every train sentence)
 data-long: install
 	$(PY) -m data.build_speech --out data_cache/speech_long --n-align 12000 --align-only --jobs 2
+
+# extra training text for the long recipe: WordNet's example sentences (24,000 clips, training voices only)
+data-wordnet: install
+	$(PY) -m data.build_speech --out data_cache/speech_wordnet --wordnet-train 24000 --jobs 2
 
 # the long alignment recipe: CTC-only spelling (phase 1), then LoRA + soft compression (phase 2), then held-out WER
 align-long: data-long

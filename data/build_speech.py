@@ -6,6 +6,11 @@ Writes under --out: train.jsonl / val.jsonl / eval.jsonl (NeMo manifests; eval =
 voices), arith_train.jsonl / arith_eval.jsonl (spoken arithmetic clips),
 instruct_train.json / instruct_eval.json (conversations), wavs/ (16 kHz mono). Re-running
 reuses every clip whose parameters are unchanged.
+
+    python -m data.build_speech --out data_cache/speech_wordnet --wordnet-train 24000
+
+writes only train.jsonl: WordNet example sentences (never a held-out fortune sentence) in the
+training voices, extra training text for the long alignment recipe.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from data.sentences import load_sentences, split_sentences
+from data.sentences import load_sentences, split_sentences, wordnet_examples
 from data.speech_conversations import (
     expected_arithmetic,
     make_conversations,
@@ -27,6 +32,7 @@ from data.speech_conversations import (
 )
 from data.tts_corpus import (
     build_corpus,
+    plan_split,
     prune,
     read_manifest,
     render,
@@ -47,6 +53,18 @@ def build_align(out: Path, n_align: int, jobs: int, seed: int) -> dict:
     """Sentences -> TTS corpus manifests (train/val/eval)."""
     pools = split_sentences(load_sentences(seed=seed))
     return build_corpus(out, n_align, pools, jobs=jobs, seed=seed)
+
+
+def build_wordnet_train(out: Path, n: int, jobs: int, seed: int) -> dict:
+    """``n`` training clips of WordNet example sentences (one per sentence up to their count), training voices."""
+    pools = split_sentences(load_sentences(seed=seed))
+    texts = wordnet_examples(seed=seed, exclude=pools["eval"] + pools["val"])
+    voices, variants = split_voices()["train"]
+    specs = plan_split(texts, n, "wordnet", seed, voices, variants)
+    rows, errors = render(specs, out, "wavs/wordnet", "train", jobs, previous=out / "train.jsonl")
+    write_manifest(out / "train.jsonl", rows)
+    return {"train": len(rows), "sentences": len(texts), "failed": len(errors), "errors": errors[:3],
+            "pruned": prune(out, "wavs/wordnet", rows), "hours": round(sum(r["duration"] for r in rows) / 3600, 3)}
 
 
 def build_instruct(out: Path, n_train: int, n_eval: int, jobs: int, seed: int) -> dict:
@@ -85,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, help="parallel espeak-ng processes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--align-only", action="store_true", help="build only the align manifests (e.g. a larger corpus for speech_align_long)")
+    p.add_argument("--wordnet-train", type=int, default=0, metavar="N",
+                   help="build ONLY a train.jsonl of N clips of WordNet example sentences (apt: wordnet-base)")
     return p.parse_args(argv)
 
 
@@ -93,6 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     n_eval = args.n_instruct_eval if args.n_instruct_eval is not None else max(1, args.n_instruct // 4)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if args.wordnet_train:
+        wn = build_wordnet_train(args.out, args.wordnet_train, args.jobs, args.seed)
+        print(f"wordnet train: {wn['train']} clips of {wn['sentences']} sentences ({wn['hours']} h audio), "
+              f"{wn['failed']} skipped (espeak failed), {wn['pruned']} stale removed, {time.perf_counter() - t0:.1f}s")
+        for e in wn["errors"]:
+            print(f"  skipped: {e}", file=sys.stderr)
+        return 0
     align = build_align(args.out, args.n_align, args.jobs, args.seed)
     t1 = time.perf_counter()
     print(f"align: train {align['train']}, val {align['val']}, eval {align['eval']} clips "

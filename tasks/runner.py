@@ -71,13 +71,15 @@ def _chain_metas(init_from: str) -> list[dict]:
 
 
 RUNTIME_MODALITY_KEYS = ("d_llm", "target_rms")  # filled from the LLM at run time, never inherited
+# what shapes the trained weights: an align run continuing an align run takes these from it
+ARCH_MODALITY_KEYS = ("encoder_name", "encoder_layers", "stack", "adaptor", "hidden", "layers", "heads")
 
 
-def _inherit_modality(cfg: DictConfig, metas: list[dict]) -> list[str]:
+def _inherit_modality(cfg: DictConfig, metas: list[dict], keys: tuple[str, ...] | None = None) -> list[str]:
     """stage=evaluate / instruct build the modality as the chain trained it (adaptor kind, widths, compression,
     ...), so ``stage=instruct|evaluate init_from=<run>`` works for any run; keys given on the command line win.
-    (An align run continuing an align run keeps its own config: it may change compression on purpose.)
-    Returns the keys taken from the checkpoint."""
+    An align run continuing an align run takes only ``keys`` (the architecture, ARCH_MODALITY_KEYS): it may
+    change compression or masking on purpose. Returns the keys taken from the checkpoint."""
     saved = next((m["modality_cfg"] for m in metas if m.get("modality_cfg")), None)
     if not saved or saved.get("_target_") != cfg.modality.get("_target_"):
         return []
@@ -91,7 +93,7 @@ def _inherit_modality(cfg: DictConfig, metas: list[dict]) -> list[str]:
     taken = []
     with open_dict(cfg):
         for k, v in saved.items():
-            if k not in given and k not in RUNTIME_MODALITY_KEYS and cfg.modality.get(k) != v:
+            if k not in given and k not in RUNTIME_MODALITY_KEYS and (keys is None or k in keys) and cfg.modality.get(k) != v:
                 cfg.modality[k] = v
                 taken.append(k)
     return taken
@@ -144,8 +146,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         return _write_metrics(out, run_forecast(cfg, out, instantiate_accepting, build_trainer))
 
-    if policy.name in ("evaluate", "instruct") and cfg.get("init_from"):
-        if taken := _inherit_modality(cfg, _chain_metas(cfg.init_from)):
+    if cfg.get("init_from") and policy.name in ("evaluate", "instruct", "align"):
+        keys = ARCH_MODALITY_KEYS if policy.name == "align" else None
+        if taken := _inherit_modality(cfg, _chain_metas(cfg.init_from), keys):
             log.info("%s: modality settings from the checkpoint: %s", policy.name, {k: cfg.modality[k] for k in taken})
     lm = instantiate(cfg.llm.model)
     modality = instantiate_accepting(cfg.modality, d_llm=lm.hidden_size, target_rms=lm.embedding_rms)

@@ -82,3 +82,11 @@ def test_evaluate_inherits_the_trained_modality_but_the_command_line_wins():
     assert "d_llm" not in taken                                  # filled from the LLM at run time, never inherited
     other = cfg_for(["llm=tiny", "stage=evaluate", "modality=stock"])
     assert _inherit_modality(other, [{"modality_cfg": saved}]) == []  # another modality's settings never leak in
+    # an align run continuing an align run takes the architecture only (it may change compression on purpose)
+    from tasks.runner import ARCH_MODALITY_KEYS
+
+    phase2 = cfg_for(TINY + ["stage=align"])
+    saved2 = {**saved, "encoder_layers": "all", "time_mask": 0.2}
+    taken = _inherit_modality(phase2, [{"stage": "align", "modality_cfg": saved2}], ARCH_MODALITY_KEYS)
+    assert phase2.modality.encoder_layers == "all" and phase2.modality.adaptor == "transformer"
+    assert phase2.modality.ctc_compress != "soft" and phase2.modality.time_mask == 0.0 and set(taken) <= set(ARCH_MODALITY_KEYS)

@@ -102,6 +102,30 @@ def test_real_fortune_source_is_large_and_clean() -> None:
         assert S.MIN_WORDS <= len(s.split()) <= S.MAX_WORDS
 
 
+def test_wordnet_examples_cleaned_deduplicated_and_excluding(tmp_path: Path) -> None:
+    gloss = ('00001740 03 n 01 entity 0 000 | that which is perceived; "the draft gave me a cold"; '
+             '"The draft gave me a cold."; "a 10% rise"; "tax the rich"\n')
+    (tmp_path / "data.noun").write_text("  1 This software and database is being provided\n" + gloss)
+    (tmp_path / "data.verb").write_text('00002000 29 v 01 run 0 000 | move fast; "she ran to the store in the rain"\n')
+    for pos in ("adj", "adv"):
+        (tmp_path / f"data.{pos}").write_text("")
+    got = S.wordnet_examples(tmp_path)
+    # capitalised + full stop added, deduplicated across case, digits and two-word quotes dropped, license skipped
+    assert sorted(got) == ["She ran to the store in the rain.", "The draft gave me a cold."]
+    assert S.wordnet_examples(tmp_path, exclude=["THE DRAFT GAVE ME A COLD."]) == ["She ran to the store in the rain."]
+    with pytest.raises(FileNotFoundError, match="apt-get install wordnet-base"):
+        S.wordnet_examples(tmp_path / "missing")
+
+
+@pytest.mark.skipif(not Path("/usr/share/wordnet/data.noun").is_file(), reason="wordnet-base (make install) missing")
+def test_real_wordnet_source_is_large_and_disjoint_from_held_out_text() -> None:
+    pools = S.split_sentences(S.load_sentences())
+    held_out = {s.lower() for s in pools["eval"] + pools["val"]}
+    got = S.wordnet_examples(exclude=held_out)
+    assert len(got) > 20000 and not held_out & {s.lower() for s in got}
+    assert all(S.clean_sentence(s) == s for s in got[:500])
+
+
 def test_classes_and_spec_validation() -> None:
     assert [T.pitch_class(p) for p in (0, 25, 26, 74, 75, 99)] == ["low", "low", "medium", "medium", "high", "high"]
     assert [T.speed_class(s) for s in (100, 130, 131, 219, 220)] == ["slow", "slow", "normal", "normal", "fast"]
