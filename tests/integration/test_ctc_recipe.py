@@ -58,7 +58,10 @@ def test_phase2_needs_an_align_run_and_inherits_its_ctc_classes(phase1, speech_c
     assert m["steps"] == 2 and "wer" in m
     assert _meta(tmp_path / "b")["ctc_vocab"] == _meta(out / "a")["ctc_vocab"]
     header = (tmp_path / "b" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert "train/lm_loss" in header and "train/ctc_speech" in header
+    assert "train/lm_loss" in header and "train/ctc_speech" not in header  # LM loss only
+    # only LoRA trains: phase 1's adaptor and classifier (its spelling) are kept as they are, and not re-saved
+    saved = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert saved and all("lora_" in k for k in saved), sorted(saved)[:5]
     # the contract command, no modality keys: evaluate builds the adaptor as trained (transformer, widths, soft)
     ev = run(cfg_for(TINY + ["stage=evaluate", f"init_from={tmp_path}/b", f"paths.output_dir={tmp_path}/ev",
                              f"data.eval_manifest={speech_corpus}/eval.jsonl", "data.max_eval_samples=2", "eval.max_new_tokens=3"]))
