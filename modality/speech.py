@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -154,14 +155,13 @@ class SpeechAdaptor(nn.Module):
             y = self.norm(y) * self.target_rms
         return y
 
-
     def norm_states(self, x: Tensor) -> Tensor:
         """[B, T, K*H] (K encoder states side by side) -> the same with each state layer-normed; zero rows stay zero."""
         b, t, kh = x.shape
         return F.layer_norm(x.view(b, t, self.n_states, kh // self.n_states), (kh // self.n_states,)).view(b, t, kh)
 
 
-def encoder_states(spec: str | list | tuple, n_layers: int) -> tuple[int, ...]:
+def encoder_states(spec: str | Iterable[int], n_layers: int) -> tuple[int, ...]:
     """modality.encoder_layers -> hidden-state indices (0 = conv + positions, i = after layer i).
 
     "last" (the final layer, layer-normed, as Whisper's decoder reads it), "all", or a list of indices.
@@ -172,7 +172,7 @@ def encoder_states(spec: str | list | tuple, n_layers: int) -> tuple[int, ...]:
         return (n_layers,)
     if spec == "all":
         return tuple(range(n_layers + 1))
-    ids = tuple(int(i) for i in (spec if isinstance(spec, (list, tuple)) else str(spec).split(",")))
+    ids = tuple(int(i) for i in (spec.split(",") if isinstance(spec, str) else spec))  # a list or Hydra ListConfig
     if not ids or sorted(set(ids)) != list(ids) or ids[0] < 0 or ids[-1] > n_layers:
         raise ValueError(f"encoder_layers must be 'last', 'all' or increasing indices in 0..{n_layers}, got {spec!r}")
     return ids
@@ -230,8 +230,7 @@ class SpeechModality(Modality):
         cfg = self.encoder.config
         self.n_mels, self.hidden_size = cfg.num_mel_bins, cfg.d_model
         self.max_frames = cfg.max_source_positions  # encoder positions; 1500 = 30 s
-        self.states = encoder_states(encoder_layers if isinstance(encoder_layers, str) else list(encoder_layers),
-                                     cfg.encoder_layers)
+        self.states = encoder_states(encoder_layers, cfg.encoder_layers)
         self.register_buffer("mel_fb", mel_filters(self.n_mels), persistent=False)
         self.adaptor = SpeechAdaptor(self.hidden_size, self.d_llm, self.hp.stack, self.hp.hidden, self.hp.adaptor,
                                      self.hp.target_rms, self.hp.layers, self.hp.heads, n_states=len(self.states))

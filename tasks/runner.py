@@ -99,8 +99,8 @@ def _inherit_modality(cfg: DictConfig, metas: list[dict], keys: tuple[str, ...] 
     return taken
 
 
-def _prerequisite(cfg: DictConfig, policy: StagePolicy, modality: Any) -> list[dict]:
-    """Metadata of the init_from chain (newest first), after checking the stage may start."""
+def _prerequisite(cfg: DictConfig, policy: StagePolicy, modality: Any, metas: list[dict]) -> list[dict]:
+    """``metas`` (the init_from chain's, newest first), after checking the stage may start."""
     needs = policy.requires
     if policy.name == "align" and getattr(modality, "requires_pretrained_encoder", False):
         needs = "forecast"
@@ -110,7 +110,6 @@ def _prerequisite(cfg: DictConfig, policy: StagePolicy, modality: Any) -> list[d
                              f"or .ckpt> (run `python train.py stage={needs} modality={modality.name}` first; "
                              f"allow_no_init=true starts from scratch anyway)")
         return []
-    metas = _chain_metas(cfg.init_from)
     stages = [m["stage"] for m in metas]
     if needs and needs not in stages and policy.name not in stages and needs != "any":
         raise UsageError(f"init_from={cfg.init_from} holds stages {stages}; stage={policy.name} needs a {needs} run")
@@ -146,14 +145,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         return _write_metrics(out, run_forecast(cfg, out, instantiate_accepting, build_trainer))
 
-    if cfg.get("init_from") and policy.name in ("evaluate", "instruct", "align"):
+    chain_metas = _chain_metas(cfg.init_from) if cfg.get("init_from") else []  # read once: checkpoints are large
+    if chain_metas:
         keys = ARCH_MODALITY_KEYS if policy.name == "align" else None
-        if taken := _inherit_modality(cfg, _chain_metas(cfg.init_from), keys):
+        if taken := _inherit_modality(cfg, chain_metas, keys):
             log.info("%s: modality settings from the checkpoint: %s", policy.name, {k: cfg.modality[k] for k in taken})
     lm = instantiate(cfg.llm.model)
     modality = instantiate_accepting(cfg.modality, d_llm=lm.hidden_size, target_rms=lm.embedding_rms)
     modalities = {modality.name: modality}
-    metas = _prerequisite(cfg, policy, modality)
+    metas = _prerequisite(cfg, policy, modality, chain_metas)
     lora_meta = next((m["lora"] for m in metas if m.get("lora")), None)
     lora = LoraSpec(**(lora_meta or OmegaConf.to_container(cfg.llm.lora)))
     if policy.name == "evaluate":  # evaluate what the chain trained, nothing more
