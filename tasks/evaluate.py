@@ -99,27 +99,36 @@ def score(types: list[str], refs: list[str], preds: list[str]) -> dict[str, floa
 @torch.no_grad()
 def run_generation(model, loader, max_new_tokens: int, predictions_path: Path | None = None,
                    desc: str = "evaluate") -> dict[str, float]:
-    """Generate for every batch of ``loader`` (collator in generate mode); score and save predictions."""
+    """Generate for every batch of ``loader`` (collator in generate mode); score and save predictions.
+
+    A model whose chain trained CTC classes also reports the adaptor's own greedy spelling (``ctc_wer``,
+    ``ctc_readout`` per row): what the speech says before the LLM reads it."""
     was_training = model.training
     model.eval()
     types, refs, preds, rows, skipped = [], [], [], [], []
+    spelled: list[tuple[str, str]] = []  # (reference, CTC readout) of transcript samples, when the chain has one
     for batch in tqdm(loader, desc=desc, leave=False):
         skipped += batch["skipped"]
         if batch["input_ids"].shape[0] == 0:
             continue
         batch = _to_device(batch, model.device)
         outs = model.generate(batch, max_new_tokens=max_new_tokens)
-        for i, (t, r, p) in enumerate(zip(batch["types"], batch["references"], outs)):
+        readouts = model.ctc_readout(batch) if getattr(model, "ctc_vocab", None) is not None else [None] * len(outs)
+        for i, (t, r, p, c) in enumerate(zip(batch["types"], batch["references"], outs, readouts)):
             types.append(t)
             refs.append(r or "")
             preds.append(p)
             trimmed = trim_repeats(p)
             rows.append({"id": batch["ids"][i], "type": t, "reference": r, "prediction": trimmed,
-                         **({"raw_prediction": p} if trimmed != p else {})})
+                         **({"raw_prediction": p} if trimmed != p else {}), **({"ctc_readout": c} if c is not None else {})})
+            if c is not None and t in WER_TYPES:
+                spelled.append((r or "", c))
     model.train(was_training)
     metrics = score(types, refs, [trim_repeats(p) for p in preds])
     if "wer" in metrics:
         metrics["wer_raw"] = score(types, refs, preds)["wer"]
+    if spelled:  # the adaptor's own spelling (greedy CTC), beside what the LLM made of it
+        metrics["ctc_wer"] = round(wer([r for r, _ in spelled], [c for _, c in spelled]), 4)
     metrics["trimmed_loops"] = sum("raw_prediction" in r for r in rows)
     metrics["eval_skipped"] = len(skipped)
     if predictions_path is not None:

@@ -218,21 +218,34 @@ class MultimodalLM(L.LightningModule):
         return result["loss"]
 
     @torch.no_grad()
-    def _count_ctc_errors(self, batch: dict) -> None:
-        """Greedy CTC readout of single-clip transcript samples vs their references (val/ctc_wer): what the
-        adaptor alone 'says', without the LLM. The measure of a CTC-only run (stage.lm_weight=0)."""
-        from tasks.evaluate import edit_distance, normalize
-
+    def ctc_readout(self, batch: dict) -> list[str | None]:
+        """Greedy CTC readout per sample: the text the adaptor alone spells, without the LLM; None for a sample
+        without exactly one clip, or for every sample when the chain trained no CTC classes (``ctc_vocab``).
+        Why: in the two-phase recipe it splits the error between the spelling and the LLM's reading of it."""
+        texts: list[str | None] = [None] * batch["input_ids"].shape[0]
+        if self.ctc_vocab is None:
+            return texts
         table = self.llm.get_input_embeddings().weight
+        clips = [0] * len(texts)
         for name, (out, lengths) in self.adapt_all(batch).items():
             owner = batch["modal"][name]["sample_index"].tolist()
             hyps = greedy_ctc_decode(out, lengths, table, self.placeholder_ids[name], vocab=self.ctc_vocab,
                                      logits=self.ctc_logits(name, out))
             for k, i in enumerate(owner):
-                if batch["ctc_targets"][i] and owner.count(i) == 1:
-                    ref = normalize(batch["references"][i] or "")
-                    self._ctc_counts[0] += edit_distance(ref, normalize(self.tokenizer.decode(hyps[k])))
-                    self._ctc_counts[1] += len(ref)
+                clips[i] += 1
+                texts[i] = self.tokenizer.decode(hyps[k]).strip()
+        return [t if n == 1 else None for t, n in zip(texts, clips)]
+
+    def _count_ctc_errors(self, batch: dict) -> None:
+        """Greedy CTC readout of single-clip transcript samples vs their references (val/ctc_wer): what the
+        adaptor alone 'says', without the LLM. The measure of a CTC-only run (stage.lm_weight=0)."""
+        from tasks.evaluate import edit_distance, normalize
+
+        for i, hyp in enumerate(self.ctc_readout(batch)):
+            if hyp is not None and batch["ctc_targets"][i]:
+                ref = normalize(batch["references"][i] or "")
+                self._ctc_counts[0] += edit_distance(ref, normalize(hyp))
+                self._ctc_counts[1] += len(ref)
 
     def on_validation_epoch_end(self) -> None:
         errors, words = self._ctc_counts

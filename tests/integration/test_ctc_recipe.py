@@ -3,6 +3,8 @@ speech_align_ctc (CTC only, the LLM never runs) -> speech_align_long (soft compr
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -66,6 +68,7 @@ def test_phase2_needs_an_align_run_and_inherits_its_ctc_classes(phase1, speech_c
     ev = run(cfg_for(TINY + ["stage=evaluate", f"init_from={tmp_path}/b", f"paths.output_dir={tmp_path}/ev",
                              f"data.eval_manifest={speech_corpus}/eval.jsonl", "data.max_eval_samples=2", "eval.max_new_tokens=3"]))
     assert ev["ctc_vocab"] == m["ctc_vocab"] and "wer" in ev  # compresses over the classes the adaptor learned
+    assert 0 <= ev["ctc_wer"] and all("ctc_readout" in json.loads(r) for r in (tmp_path / "ev" / "predictions.jsonl").open())
     c = speech_corpus
     ins = run(cfg_for(TINY + ["stage=instruct", "trainer.max_steps=1", "eval.before=false", f"init_from={tmp_path}/b",
                               f"paths.output_dir={tmp_path}/ins", f"data.train_files={c}/instruct_train.json",
