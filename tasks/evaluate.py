@@ -113,7 +113,7 @@ def run_generation(model, loader, max_new_tokens: int, predictions_path: Path | 
             continue
         batch = _to_device(batch, model.device)
         outs = model.generate(batch, max_new_tokens=max_new_tokens)
-        readouts = model.ctc_readout(batch) if getattr(model, "ctc_vocab", None) is not None else [None] * len(outs)
+        readouts = model.ctc_readout(batch) if hasattr(model, "ctc_readout") else [None] * len(outs)  # None: no CTC classes
         for i, (t, r, p, c) in enumerate(zip(batch["types"], batch["references"], outs, readouts)):
             types.append(t)
             refs.append(r or "")
