@@ -179,14 +179,14 @@ def encoder_states(spec: str | Iterable[int], n_layers: int) -> tuple[int, ...]:
 
 
 def compress_mode(value: bool | str | None) -> str | bool:
-    """modality.ctc_compress: false | true (= "mean") | "mean" | "soft" -> False, "mean" or "soft"."""
+    """modality.ctc_compress: false | true (= "mean") | "mean" | "soft" | "hard" -> False or the mode."""
     if value in (None, False, "false", "none"):
         return False
     if value is True or value in ("true", "mean"):
         return "mean"
-    if value == "soft":
-        return "soft"
-    raise ValueError(f"ctc_compress must be false, true/'mean' or 'soft', got {value!r}")
+    if value in ("soft", "hard"):
+        return value
+    raise ValueError(f"ctc_compress must be false, true/'mean', 'soft' or 'hard', got {value!r}")
 
 
 class SpeechModality(Modality):
@@ -220,7 +220,8 @@ class SpeechModality(Modality):
         self.encoder_name = "tiny" if tiny else encoder_name
         self.cache_dir = cache_dir
         # MultimodalLM drops CTC blanks and merges repeats (tasks.ctc): "mean" of the adaptor outputs, or
-        # "soft": each position's class distribution mapped through the LLM's embedding rows (text it knows)
+        # "soft": each position's class distribution mapped through the LLM's embedding rows (text it knows);
+        # "hard": the argmax class's row (the LLM reads the greedy readout as text)
         self.ctc_compress = compress_mode(ctc_compress)
         if not 0 <= time_mask < 1:
             raise ValueError(f"time_mask must be in [0, 1), got {time_mask}")

@@ -189,7 +189,7 @@ def greedy_ctc_decode(out: Tensor, lengths: Tensor, embedding_weight: Tensor, bl
 
 def ctc_compress(out: Tensor, lengths: Tensor, embedding_weight: Tensor, blank_id: int,
                  vocab: Tensor | None = None, soft: bool = False, scale: float = 30.0,
-                 logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 logits: Tensor | None = None, hard: bool = False) -> tuple[Tensor, Tensor]:
     """CTC compression: drop positions whose class is the blank, average each run of one class.
 
     out [n, N, D] adaptor output, lengths [n] -> (compressed [n, N, D] with each clip's k segment means first
@@ -201,7 +201,12 @@ def ctc_compress(out: Tensor, lengths: Tensor, embedding_weight: Tensor, blank_i
     ``logits`` [n, N, V] of a trained classifier over them. ``soft``: each kept position becomes its class
     distribution mapped through the embedding rows (``p @ E``) before averaging, so a confident position IS
     the token's own embedding row: the LLM reads text it knows, and gradients still reach the adaptor via p.
+    ``hard``: each kept position becomes its argmax class's row, so the LLM reads exactly the greedy readout
+    as text (no gradient reaches the adaptor: for a frozen, CTC-trained one). Why: an unsure position's
+    ``p @ E`` is a blend of rows no text ever produced, and the LLM fills it with plausible words.
     """
+    if soft and hard:
+        raise ValueError("ctc_compress: soft and hard exclude each other")
     if vocab is not None:
         vocab = vocab.to(out.device)
     table = embedding_weight if vocab is None else embedding_weight[vocab]
@@ -224,6 +229,8 @@ def ctc_compress(out: Tensor, lengths: Tensor, embedding_weight: Tensor, blank_i
         k = k.clamp(min=1)
     if soft:
         out = (logits.float().softmax(-1) @ table.detach().float()).to(out.dtype)  # [n, N, V] @ [V, D]
+    elif hard:
+        out = table.detach()[ids].to(out.dtype)                         # [n, N, D]: one class per run, so its mean is the row
     w = speak.to(out.dtype)[..., None]                                  # [n, N, 1]
     sums = out.new_zeros(n, N, D).scatter_add(1, seg[..., None].expand(-1, -1, D), out * w)
     counts = out.new_zeros(n, N, 1).scatter_add(1, seg[..., None], w)

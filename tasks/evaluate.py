@@ -46,10 +46,10 @@ def wer(refs: Iterable[str], hyps: Iterable[str]) -> float:
 def trim_repeats(text: str, min_copies: int = 3, max_period: int = 8) -> str:
     """Cut a decoding loop: a tail that repeats one block of 1..``max_period`` words ``min_copies``+ times
     (the last copy may be cut short by max_new_tokens) keeps one copy. Why: greedy decoding of a
-    half-trained model can loop until max_new_tokens ("are verifiable and are verifiable and ..."),
-    and each loop adds dozens of insertions to the WER, as Whisper's compression-ratio check guards
-    against. Both scores are reported (``wer`` on trimmed, ``wer_raw`` on raw predictions)."""
-    words = text.split()
+    half-trained model can loop until max_new_tokens ("are verifiable and are verifiable and ...", or
+    hyphen-joined: "tony-troubled-troubled-..."), and each loop adds dozens of insertions to the WER, as
+    Whisper's compression-ratio check guards against. Both scores are reported (``wer`` on trimmed, ``wer_raw`` on raw predictions)."""
+    words = re.findall(r"[\s-]*[^\s-]+[\s-]*", text)  # each word with its separators: "a-b-b-b" loops too
     keys = [re.sub(r"[^a-z0-9']", "", w.lower()) for w in words]
     best = len(words)
     for end in (len(keys), len(keys) - 1):  # the last word may be cut off mid-copy
@@ -62,7 +62,7 @@ def trim_repeats(text: str, min_copies: int = 3, max_period: int = 8) -> str:
             start = end - run - n  # the loop's first copy starts here
             if run + n >= min_copies * n and start + n < best:
                 best = start + n
-    return " ".join(words[:best])
+    return text if best == len(words) else "".join(words[:best]).strip(" -\t\n")
 
 
 def answer_correct(reference: str, prediction: str) -> bool:

@@ -142,7 +142,7 @@ class MultimodalLM(L.LightningModule):
             slots = input_ids == self.placeholder_ids[name]
             if getattr(m, "ctc_compress", False):
                 out, kept = ctc_compress(out, lengths, self.llm.get_input_embeddings().weight, self.placeholder_ids[name],
-                                         vocab=self.ctc_vocab, soft=m.ctc_compress == "soft", logits=self.ctc_logits(name, out))
+                                         vocab=self.ctc_vocab, soft=m.ctc_compress == "soft", hard=m.ctc_compress == "hard", logits=self.ctc_logits(name, out))
                 filler = valid_rows(torch.arange(out.shape[1], device=out.device).expand(out.shape[0], -1) >= kept[:, None],
                                     lengths)  # [sum(lengths)] True on the slots left empty
                 holes = torch.zeros_like(slots)

@@ -147,6 +147,24 @@ def test_soft_compression_turns_confident_positions_into_the_tokens_own_rows():
     assert out.grad[0, :6].abs().sum() > 0                          # the LM loss still reaches the adaptor
 
 
+def test_hard_compression_reads_the_greedy_readout_as_rows_even_when_unsure():
+    """ctc_compress(hard=True): each kept run is its argmax class's row exactly, however flat p is."""
+    torch.manual_seed(0)
+    table = torch.randn(30, 8)
+    vocab = torch.tensor([2, 4, 9, 17, 25])  # the blank (2) is class 0
+    argmax = torch.tensor([[0, 2, 2, 0, 4, 1, 1]])                   # blank, 9, 9, blank, 25, 4, 4
+    logits = torch.randn(1, 7, 5) * 0.01
+    logits[0, torch.arange(7), argmax[0]] += 0.05                     # unsure: p of the argmax ~0.21
+    out = torch.randn(1, 7, 8)
+    comp, k = ctc_compress(out, torch.tensor([7]), table, 2, vocab=vocab, logits=logits, hard=True)
+    assert k.tolist() == [3]
+    assert torch.equal(comp[0, :3], table[[9, 25, 4]]) and (comp[0, 3:] == 0).all()
+    soft, _ = ctc_compress(out, torch.tensor([7]), table, 2, vocab=vocab, logits=logits, soft=True)
+    assert not torch.allclose(soft[0, :3], table[[9, 25, 4]], atol=0.1)  # soft blends the unsure rows
+    with pytest.raises(ValueError, match="exclude"):
+        ctc_compress(out, torch.tensor([7]), table, 2, vocab=vocab, logits=logits, soft=True, hard=True)
+
+
 def test_ctc_only_step_never_calls_the_llm_and_weights_must_make_sense(tiny_lm, toy_modality, monkeypatch):
     from tasks.multimodal import MultimodalLM
     from tests.unit.helpers import STAGES, batch_for, build

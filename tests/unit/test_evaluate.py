@@ -8,6 +8,9 @@ def test_trim_repeats_cuts_decoding_loops_only():
     assert trim_repeats(loop) == "Theories are verifiable and"        # one copy kept, the cut-off word too
     assert trim_repeats("I'm a n'w'r, I'm a n'w'r, I'm a n'w'r, I'm a n'w'r") == "I'm a n'w'r,"
     assert trim_repeats("ha ha ha ha") == "ha"
+    hyphens = "This hully-tony-troubled-troubled-troubled-troubled-troubled-troubled-"  # one "word" to split()
+    assert trim_repeats(hyphens) == "This hully-tony-troubled"
+    assert trim_repeats("A well-known, well-known fact.") == "A well-known, well-known fact."
     natural = "We learn from history that we do not learn from history."
     assert trim_repeats(natural) == natural                            # a repeat, not a loop: kept
     assert trim_repeats("no no") == "no no" and trim_repeats("") == ""
