@@ -33,8 +33,9 @@ data-long: install
 data-wordnet: install
 	$(PY) -m data.build_speech --out data_cache/speech_wordnet --wordnet-train 24000 --jobs 2
 
-# the long alignment recipe: CTC-only spelling (phase 1), then LoRA + soft compression (phase 2), then held-out WER
-align-long: data-long
+# the long alignment recipe: CTC-only spelling (phase 1, fortunes + WordNet), then LoRA reading it (phase 2), then
+# held-out WER. ~2.5 h on a 2-core CPU (data ~1 h, phase 1 ~63 min, phase 2 ~21 min); bench/RESULTS.md
+align-long: data-long data-wordnet
 	$(PY) train.py experiment=speech_align_ctc paths.output_dir=outputs/align_ctc
 	$(PY) train.py experiment=speech_align_long init_from=outputs/align_ctc paths.output_dir=outputs/align_long
 	$(PY) train.py stage=evaluate modality=speech init_from=outputs/align_long data.eval_manifest=data_cache/speech_long/eval.jsonl \
