@@ -247,7 +247,7 @@ def write_manifest(path: str | Path, rows: Iterable[dict]) -> int:
 
 
 def read_manifest(path: str | Path) -> list[dict]:
-    """Read a JSONL manifest; a bad line raises ValueError naming the file and line."""
+    """Read a JSONL file (a manifest, predictions.jsonl); a bad line raises ValueError naming the file and line."""
     rows = []
     with open(path) as f:
         for i, line in enumerate(f, 1):
@@ -255,7 +255,7 @@ def read_manifest(path: str | Path) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: bad JSON in manifest ({e.msg})") from None
+                    raise ValueError(f"{path}:{i}: malformed JSON line ({e.msg})") from None
     return rows
 
 

@@ -11,12 +11,12 @@ more training TEXT or more ACOUSTIC generalisation is what a run lacks).
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from data.records import read_records
+from data.tts_corpus import read_manifest
 from tasks.evaluate import WER_TYPES, normalize
 
 BANDS: tuple[tuple[str, int, int], ...] = (
@@ -61,18 +61,6 @@ def training_counts(manifests: Iterable[str | Path]) -> Counter:
     return counts
 
 
-def read_predictions(path: str | Path) -> list[dict]:
-    """Rows of a predictions.jsonl; a malformed line names the file and line."""
-    rows = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
-    return rows
-
-
 def recall_by_band(rows: Iterable[dict], counts: Counter, field: str = "prediction") -> dict[str, dict]:
     """Per band: reference words, how many the ``field`` transcript got right, and that recall."""
     tot: Counter = Counter()
@@ -97,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     p.add_argument("--train", action="append", required=True, help="a training manifest (repeatable)")
     p.add_argument("--field", default="prediction", help="prediction (the LLM) or ctc_readout (the adaptor)")
     args = p.parse_args(argv)
-    rows = read_predictions(args.predictions)
+    rows = read_manifest(args.predictions)
     out = recall_by_band(rows, training_counts(args.train), args.field)
     total = sum(b["words"] for b in out.values())
     print(f"{args.field} of {args.predictions}: {total} reference words")
