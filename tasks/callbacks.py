@@ -57,8 +57,9 @@ class PeriodicEval(L.Callback):
     early (a killed job, a SLURM time limit) keeps its curve.
     """
 
-    def __init__(self, loader: Any, every_n_steps: int, max_new_tokens: int, path: str | Path | None = None):
-        self.loader, self.every, self.max_new_tokens = loader, every_n_steps, max_new_tokens
+    def __init__(self, loader: Any, every_n_steps: int, max_new_tokens: int, path: str | Path | None = None,
+                 decode: Any = None):
+        self.loader, self.every, self.max_new_tokens, self.decode = loader, every_n_steps, max_new_tokens, decode
         self.path = Path(path) if path is not None else None
         self.curve: list[dict[str, Any]] = []
         self.t0 = 0.0
@@ -76,7 +77,8 @@ class PeriodicEval(L.Callback):
         from tasks.evaluate import run_generation
 
         t = time.perf_counter()
-        metrics = run_generation(pl_module, self.loader, self.max_new_tokens, desc=f"evaluate@{step}")
+        metrics = run_generation(pl_module, self.loader, self.max_new_tokens, desc=f"evaluate@{step}",
+                                 decode=self.decode)
         self.t0 += time.perf_counter() - t  # the curve's clock counts training time only
         point = {"step": step, "train_seconds": round(time.perf_counter() - self.t0, 1), **metrics}
         self.curve.append(point)

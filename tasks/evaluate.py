@@ -98,11 +98,16 @@ def score(types: list[str], refs: list[str], preds: list[str]) -> dict[str, floa
 
 @torch.no_grad()
 def run_generation(model, loader, max_new_tokens: int, predictions_path: Path | None = None,
-                   desc: str = "evaluate") -> dict[str, float]:
+                   desc: str = "evaluate", decode=None) -> dict[str, float]:
     """Generate for every batch of ``loader`` (collator in generate mode); score and save predictions.
 
     A model whose chain trained CTC classes also reports the adaptor's own greedy spelling (``ctc_wer``,
-    ``ctc_readout`` per row): what the speech says before the LLM reads it."""
+    ``ctc_readout`` per row): what the speech says before the LLM reads it. ``decode`` (a
+    tasks.rescore.DecodeSpec): beam search and joint CTC/LLM rescoring of transcripts; each rescored row
+    then keeps its scored ``candidates``."""
+    from tasks.rescore import joint_decode
+
+    plain = decode is None or (decode.num_beams == 1 and not decode.joint)
     was_training = model.training
     model.eval()
     types, refs, preds, rows, skipped = [], [], [], [], []
@@ -112,15 +117,19 @@ def run_generation(model, loader, max_new_tokens: int, predictions_path: Path | 
         if batch["input_ids"].shape[0] == 0:
             continue
         batch = _to_device(batch, model.device)
-        outs = model.generate(batch, max_new_tokens=max_new_tokens)
+        if plain:
+            outs, cands = model.generate(batch, max_new_tokens=max_new_tokens), [None] * batch["input_ids"].shape[0]
+        else:
+            outs, cands = joint_decode(model, batch, max_new_tokens, decode, WER_TYPES)
         readouts = model.ctc_readout(batch) if hasattr(model, "ctc_readout") else [None] * len(outs)  # None: no CTC classes
-        for i, (t, r, p, c) in enumerate(zip(batch["types"], batch["references"], outs, readouts)):
+        for i, (t, r, p, c, cand) in enumerate(zip(batch["types"], batch["references"], outs, readouts, cands)):
             types.append(t)
             refs.append(r or "")
             preds.append(p)
             trimmed = trim_repeats(p)
             rows.append({"id": batch["ids"][i], "type": t, "reference": r, "prediction": trimmed,
-                         **({"raw_prediction": p} if trimmed != p else {}), **({"ctc_readout": c} if c is not None else {})})
+                         **({"raw_prediction": p} if trimmed != p else {}), **({"ctc_readout": c} if c is not None else {}),
+                         **({"candidates": cand} if cand is not None else {})})
             if c is not None and t in WER_TYPES:
                 spelled.append((r or "", c))
     model.train(was_training)

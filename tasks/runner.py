@@ -18,6 +18,7 @@ from llm.tokens import add_placeholder_tokens
 from tasks.callbacks import PeriodicEval, RunStats, StopFile
 from tasks.checkpoint import META_KEY, TrainableOnlyCheckpoint, load_chain, read_checkpoint, resolve_checkpoint
 from tasks.evaluate import run_generation
+from tasks.rescore import DecodeSpec
 from tasks.multimodal import MultimodalLM, OptimSpec
 from tasks.stages import StagePolicy
 from tasks.text_baseline import run_text_baseline
@@ -186,22 +187,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if model.ctc_vocab is not None:
         metrics["ctc_vocab"] = len(model.ctc_vocab)
     ev = cfg.get("eval", {})
+    decode = DecodeSpec(int(ev.get("num_beams", 1)), float(ev.get("ctc_weight", 0.0)), float(ev.get("length_bonus", 0.0)))
     eval_loader = dm.eval_dataloader()
     if policy.name == "evaluate":
         if eval_loader is None:
             raise UsageError("stage=evaluate needs data.eval_manifest=<records file>")
-        metrics.update(run_generation(model, eval_loader, ev.get("max_new_tokens", 64), out / "predictions.jsonl"))
+        metrics.update(run_generation(model, eval_loader, ev.get("max_new_tokens", 64), out / "predictions.jsonl",
+                                           decode=decode))
         metrics.update(run_text_baseline(cfg, model, dm, out))  # {} unless data.text_baseline is set
         return _write_metrics(out, metrics)
     if eval_loader is not None and ev.get("before", False):
         before = run_generation(model, eval_loader, ev.get("max_new_tokens", 64), out / "predictions_before.jsonl",
-                                desc="evaluate (before)")
+                                desc="evaluate (before)", decode=decode)
         metrics.update({f"before/{k}": v for k, v in before.items()})
         log.info("before training: %s", before)
     stats = RunStats()
     extra: list[L.Callback] = []
     if eval_loader is not None and ev.get("every_n_steps"):
-        curve = PeriodicEval(eval_loader, int(ev.every_n_steps), ev.get("max_new_tokens", 64), out / "curve.jsonl")
+        curve = PeriodicEval(eval_loader, int(ev.every_n_steps), ev.get("max_new_tokens", 64), out / "curve.jsonl",
+                             decode=decode)
         extra.append(curve)
     meta = {"stage": policy.name, "llm": lm.name, "modalities": list(modalities),
             "parent": str(chain[0]) if chain else None, "lora": OmegaConf.to_container(cfg.llm.lora) if policy.lora else None,
@@ -227,7 +231,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics["checkpoint_mb"] = round(last.stat().st_size / 2**20, 3)
         metrics["llm_mb"] = round(sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20, 1)
     if eval_loader is not None and trainer.is_global_zero:
-        metrics.update(run_generation(model, eval_loader, ev.get("max_new_tokens", 64), out / "predictions.jsonl"))
+        metrics.update(run_generation(model, eval_loader, ev.get("max_new_tokens", 64), out / "predictions.jsonl",
+                                           decode=decode))
         metrics.update(run_text_baseline(cfg, model, dm, out))  # {} unless data.text_baseline is set
     return _write_metrics(out, metrics)
 
