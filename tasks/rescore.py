@@ -7,7 +7,9 @@ clips, better on 18). Scoring each candidate transcript by both models, as hybri
 
     score(t) = (1 - w) * log p_LLM(t | prompt, speech) + w * log p_CTC(t | speech) + bonus * tokens(t)
 
-Candidates: the LLM's ``num_beams`` beams plus the greedy CTC readout itself. Only single-clip transcript
+Candidates: the LLM's ``num_beams`` beams, the greedy CTC readout and, with ``ctc_beams`` > 0, that many
+more spellings from a CTC prefix beam search (the readout's acoustically close alternatives, for the LLM
+score to choose among). Only single-clip transcript
 samples (type asr / transcribe / repeat) are rescored; every other sample keeps the LLM's best beam.
 ``python -m tasks.rescore <predictions.jsonl> --weights 0,0.3,0.5 --bonus 0,1`` re-picks from the scores a
 run stored (no model needed), so a weight is chosen on one split and reported on another.
@@ -35,9 +37,10 @@ class DecodeSpec:
     num_beams: int = 1
     ctc_weight: float = 0.0
     length_bonus: float = 0.0
+    ctc_beams: int = 0
 
     def __post_init__(self) -> None:
-        if self.num_beams < 1 or not 0 <= self.ctc_weight <= 1:
+        if self.num_beams < 1 or not 0 <= self.ctc_weight <= 1 or self.ctc_beams < 0:
             raise ValueError(f"eval.num_beams must be >= 1 and eval.ctc_weight in [0, 1], got {self}")
 
     @property
@@ -104,6 +107,36 @@ def ctc_logprobs(logits: Tensor, length: int, targets: list[list[int] | None], b
     return out
 
 
+def ctc_prefix_beams(logits: Tensor, length: int, blank: int, beam: int, prune: int = 8) -> list[tuple[list[int], float]]:
+    """CTC prefix beam search over one clip's class logits [N, V]: the ``beam`` most probable label sequences
+    (class indices) with their log p (summed over alignments), best first. Per position only the ``prune``
+    likeliest classes extend a prefix (the blank always closes one)."""
+    logp = logits[:length].float().log_softmax(-1).cpu()               # [n, V]
+    top = logp.topk(min(prune, logp.shape[1]), dim=-1).indices.tolist()
+    lp = logp.tolist()
+    ninf = -math.inf
+    lse = lambda a, b: b if a == ninf else a if b == ninf else max(a, b) + math.log1p(math.exp(-abs(a - b)))  # noqa: E731
+    beams: dict[tuple[int, ...], list[float]] = {(): [0.0, ninf]}       # prefix -> [log p ending in blank, in a label]
+    for t in range(len(lp)):
+        nxt: dict[tuple[int, ...], list[float]] = {}
+        for prefix, (pb, pnb) in beams.items():
+            total = lse(pb, pnb)
+            cell = nxt.setdefault(prefix, [ninf, ninf])
+            cell[0] = lse(cell[0], total + lp[t][blank])
+            for c in top[t]:
+                if c == blank:
+                    continue
+                new = nxt.setdefault(prefix + (c,), [ninf, ninf])
+                if prefix and prefix[-1] == c:                             # a repeat needs a blank between
+                    new[1] = lse(new[1], pb + lp[t][c])
+                    cell[1] = lse(cell[1], pnb + lp[t][c])                  # ... else it merges into the run
+                else:
+                    new[1] = lse(new[1], total + lp[t][c])
+        live = [(k, v) for k, v in nxt.items() if lse(*v) > ninf]    # a repeat with no blank before: impossible
+        beams = dict(sorted(live, key=lambda kv: -lse(*kv[1]))[:beam])
+    return [(list(p), lse(*v)) for p, v in beams.items()]
+
+
 def stop_id(tokenizer: Any) -> int:
     tid = tokenizer.convert_tokens_to_ids("<|im_end|>")
     return tid if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id else tokenizer.eos_token_id
@@ -134,8 +167,9 @@ def joint_decode(model: Any, batch: dict, max_new_tokens: int, spec: DecodeSpec,
     todo = [b for b in range(B) if batch["types"][b] in transcript_types and readouts[b] is not None]
     if not todo:
         return best, cands
+    spelled = _ctc_spellings(model, batch, spec.ctc_beams) if spec.ctc_beams else {}
     for b in todo:
-        seen = dict.fromkeys([*beams[b], readouts[b]])  # ordered, unique; the readout last
+        seen = dict.fromkeys([*beams[b], readouts[b], *spelled.get(b, [])])  # ordered, unique; the LLM's first
         cands[b] = [{"text": t, "source": "llm" if t in beams[b] else "ctc"} for t in seen if t] or None
     todo = [b for b in todo if cands[b] is not None]
     if not todo:
@@ -161,6 +195,21 @@ def joint_decode(model: Any, batch: dict, max_new_tokens: int, spec: DecodeSpec,
     for b in todo:
         best[b] = pick(cands[b], spec.ctc_weight, spec.length_bonus)
     return best, cands
+
+
+def _ctc_spellings(model: Any, batch: dict, n: int) -> dict[int, list[str]]:
+    """Sample index -> the ``n`` best CTC prefix-beam spellings of its clip, as text (one-clip samples)."""
+    vocab = model.ctc_vocab
+    out: dict[int, list[str]] = {}
+    for name, (adapted, lengths) in model.adapt_all(batch).items():
+        logits = model.ctc_logits(name, adapted)
+        blank = class_index(vocab.to(logits.device), model.placeholder_ids[name])
+        owners = batch["modal"][name]["sample_index"].tolist()
+        for k, b in enumerate(owners):
+            if owners.count(b) == 1:
+                hyps = ctc_prefix_beams(logits[k], int(lengths[k]), blank, n)
+                out[b] = [model.tokenizer.decode(vocab[p].tolist()).strip() for p, _ in hyps if p]
+    return out
 
 
 def sweep(rows: list[dict], weights: list[float], bonuses: list[float]) -> list[dict]:

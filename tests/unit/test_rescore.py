@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from tasks.rescore import DecodeSpec, ctc_logprobs, lm_logprobs, main, pick, sweep
+from tasks.rescore import DecodeSpec, ctc_logprobs, ctc_prefix_beams, lm_logprobs, main, pick, sweep
 
 
 def _collapse(path: tuple[int, ...], blank: int) -> list[int]:
@@ -35,6 +35,25 @@ def test_ctc_logprobs_is_the_log_sum_over_every_alignment():
             assert g == -math.inf                  # longer than the clip, or unspellable
         else:
             assert g == pytest.approx(math.log(total), abs=1e-4)
+
+
+def test_ctc_prefix_beam_search_ranks_label_sequences_by_their_exact_probability():
+    torch.manual_seed(1)
+    N, V, blank = 5, 3, 0
+    logits = torch.randn(N, V) * 2
+    exact: dict[tuple[int, ...], float] = {}
+    logp = logits.log_softmax(-1)
+    for path in itertools.product(range(V), repeat=N):
+        key = tuple(_collapse(path, blank))
+        exact[key] = exact.get(key, 0.0) + math.exp(sum(logp[i, s].item() for i, s in enumerate(path)))
+    full = ctc_prefix_beams(logits, N, blank, beam=1000, prune=V)   # nothing pruned: exact
+    assert len(full) == len(exact)
+    for seq, score in full:
+        assert score == pytest.approx(math.log(exact[tuple(seq)]), abs=1e-5)
+    assert [s for s, _ in full] == sorted((list(k) for k in exact), key=lambda k: -exact[tuple(k)])
+    assert ctc_logprobs(logits, N, [full[0][0]], blank)[0] == pytest.approx(full[0][1], abs=1e-5)
+    two = ctc_prefix_beams(logits, N, blank, beam=2)
+    assert len(two) == 2 and two[0][1] >= two[1][1]
 
 
 def test_lm_logprobs_matches_scoring_each_candidate_alone(tiny_lm):
@@ -98,7 +117,7 @@ def test_joint_decoding_keeps_what_the_audio_supports(tiny_lm, toy_modality, tmp
     batch = batch_for(model, recs, generate=True)
     greedy = model.generate(batch, max_new_tokens=4)
     assert "hello" not in greedy[:2]                     # the random LLM does not say it
-    texts, cands = joint_decode(model, batch, 4, DecodeSpec(num_beams=2, ctc_weight=1.0), WER_TYPES)
+    texts, cands = joint_decode(model, batch, 4, DecodeSpec(num_beams=2, ctc_weight=1.0, ctc_beams=3), WER_TYPES)
     assert texts[:2] == ["hello", "hello"]
     assert cands[2] is None and cands[3] is None         # two clips / not a transcript: the LLM's best beam
     beams = model.llm.generate(inputs_embeds=model.embed(batch)[0], attention_mask=model.embed(batch)[2],
