@@ -69,23 +69,29 @@ def lm_logprobs(llm: torch.nn.Module, embeds: Tensor, mask: Tensor, owner: list[
 
     embeds [B, L, D] / mask [B, L]: the left-padded prompts (speech merged in); owner[k]: the prompt of
     candidate k; cands[k]: its token ids (the stop token included). Returns [n_candidates] (float).
+    Each prompt runs once; its KV cache is copied to its candidates (a prompt is ~2/3 of the tokens).
     """
     dev = embeds.device
     n, lc = len(cands), max(len(c) for c in cands)
     ids = torch.zeros(n, lc, dtype=torch.long, device=dev)
-    cmask = torch.zeros(n, lc, dtype=torch.bool, device=dev)
+    cmask = torch.zeros(n, lc, dtype=torch.long, device=dev)
     for k, c in enumerate(cands):
         ids[k, : len(c)] = torch.tensor(c, device=dev)
-        cmask[k, : len(c)] = True
+        cmask[k, : len(c)] = 1
     rows = torch.tensor(owner, device=dev)
-    x = torch.cat([embeds[rows], llm.get_input_embeddings()(ids).to(embeds)], dim=1)  # [n, L + lc, D]
-    m = torch.cat([mask[rows].to(torch.long), cmask.long()], dim=1)                    # [n, L + lc]
-    pos = (m.cumsum(-1) - 1).clamp(min=0)
     backbone, head = backbone_and_head(llm)
-    hidden = backbone(inputs_embeds=x, attention_mask=m, position_ids=pos, use_cache=False).last_hidden_state
-    L = embeds.shape[1]
-    logits = head(hidden[:, L - 1 : L - 1 + lc]).float()                                # [n, lc, V]: predicts ids
-    lp = logits.log_softmax(-1).gather(-1, ids[..., None])[..., 0]                      # [n, lc]
+    mask = mask.to(torch.long)
+    first = backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                     use_cache=True)
+    cache = first.past_key_values
+    cache.reorder_cache(rows)                                               # B prompts -> n copies
+    m = torch.cat([mask[rows], cmask], dim=1)                               # [n, L + lc]
+    pos = mask[rows].sum(-1, keepdim=True) + torch.arange(lc, device=dev)   # [n, lc]: after each prompt
+    x = llm.get_input_embeddings()(ids).to(embeds)                          # [n, lc, D]
+    hidden = backbone(inputs_embeds=x, attention_mask=m, position_ids=pos, past_key_values=cache,
+                      use_cache=True).last_hidden_state                     # [n, lc, D]
+    hidden = torch.cat([first.last_hidden_state[rows, -1:], hidden[:, :-1]], dim=1)  # position j predicts ids[:, j]
+    lp = head(hidden).float().log_softmax(-1).gather(-1, ids[..., None])[..., 0]    # [n, lc]
     return (lp * cmask).sum(-1)
 
 
