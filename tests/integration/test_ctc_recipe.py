@@ -69,6 +69,16 @@ def test_phase2_needs_an_align_run_and_inherits_its_ctc_classes(phase1, speech_c
                              f"data.eval_manifest={speech_corpus}/eval.jsonl", "data.max_eval_samples=2", "eval.max_new_tokens=3"]))
     assert ev["ctc_vocab"] == m["ctc_vocab"] and "wer" in ev  # compresses over the classes the adaptor learned
     assert 0 <= ev["ctc_wer"] and all("ctc_readout" in json.loads(r) for r in (tmp_path / "ev" / "predictions.jsonl").open())
+    # joint CTC/LLM decoding from the command line: every transcript row keeps its scored candidates
+    jt = run(cfg_for(TINY + ["stage=evaluate", f"init_from={tmp_path}/b", f"paths.output_dir={tmp_path}/jt",
+                             f"data.eval_manifest={speech_corpus}/eval.jsonl", "data.max_eval_samples=2", "eval.max_new_tokens=3",
+                             "eval.num_beams=2", "eval.ctc_beams=2", "eval.ctc_weight=0.5"]))
+    rows = [json.loads(r) for r in (tmp_path / "jt" / "predictions.jsonl").open()]
+    assert "wer" in jt and len(rows) == 2
+    for r in rows:
+        texts = [c["text"] for c in r["candidates"]]
+        assert r["ctc_readout"] in texts or not r["ctc_readout"]
+        assert r.get("raw_prediction", r["prediction"]) in texts and {"lm", "ctc", "tokens", "source"} <= set(r["candidates"][0])
     c = speech_corpus
     ins = run(cfg_for(TINY + ["stage=instruct", "trainer.max_steps=1", "eval.before=false", f"init_from={tmp_path}/b",
                               f"paths.output_dir={tmp_path}/ins", f"data.train_files={c}/instruct_train.json",
