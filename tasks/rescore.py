@@ -48,10 +48,11 @@ class DecodeSpec:
         return self.ctc_weight > 0
 
 
-def combine(lm: float, ctc: float, tokens: int, weight: float, bonus: float) -> float:
+def combine(lm: float, ctc: float | None, tokens: int, weight: float, bonus: float) -> float:
+    """The joint score; ``ctc`` None (or -inf): a text the CTC classes cannot spell or align."""
     if weight == 0:
         return lm + bonus * tokens  # (0 * -inf would be nan)
-    if not math.isfinite(ctc):
+    if ctc is None or not math.isfinite(ctc):
         return -math.inf
     return (1 - weight) * lm + weight * ctc + bonus * tokens
 
@@ -197,7 +198,7 @@ def joint_decode(model: Any, batch: dict, max_new_tokens: int, spec: DecodeSpec,
             targets = [model.ctc_segmenter(tok.encode(" " + c["text"], add_special_tokens=False)) for c in cands[b]]
             scores = ctc_logprobs(logits[k], int(lengths[k]), to_classes(targets, vocab), blank)
             for c, v in zip(cands[b], scores):
-                c["ctc"] = v
+                c["ctc"] = v if math.isfinite(v) else None  # strict JSON in predictions.jsonl (no -Infinity)
     for b in todo:
         best[b] = pick(cands[b], spec.ctc_weight, spec.length_bonus)
     return best, cands

@@ -77,7 +77,7 @@ def test_lm_logprobs_matches_scoring_each_candidate_alone(tiny_lm):
 def test_pick_trades_the_llm_against_the_audio():
     cands = [{"text": "fluent but wrong", "lm": -2.0, "ctc": -40.0, "tokens": 4},
              {"text": "what was said", "lm": -9.0, "ctc": -3.0, "tokens": 4},
-             {"text": "unspellable", "lm": -1.0, "ctc": -math.inf, "tokens": 3},
+             {"text": "unspellable", "lm": -1.0, "ctc": None, "tokens": 3},
              {"text": "what was said and more", "lm": -9.5, "ctc": -3.5, "tokens": 6}]
     assert pick(cands, 0.0, 0.0) == "unspellable"        # the LLM alone
     assert pick(cands, 0.3, 0.0) == "what was said"      # the audio can veto, and -inf never wins
@@ -126,11 +126,14 @@ def test_joint_decoding_keeps_what_the_audio_supports(tiny_lm, toy_modality, tmp
     assert texts[3] == tok.batch_decode(beams, skip_special_tokens=True)[6].strip()
     first = cands[0]
     assert [c["source"] for c in first][-1] == "ctc" and first[-1]["text"] == "hello"
-    assert first[-1]["ctc"] > -5 and all(c["ctc"] == -math.inf for c in first[:-1])
+    assert first[-1]["ctc"] > -5 and all(c["ctc"] is None for c in first[:-1])  # unspellable: null in the JSON
     assert all(c["tokens"] >= 1 and math.isfinite(c["lm"]) for c in first)
 
     m = run_generation(model, [batch], 4, tmp_path / "p.jsonl", decode=DecodeSpec(num_beams=2, ctc_weight=1.0))
-    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    def strict(c):
+        raise AssertionError(f"not strict JSON: {c}")
+
+    rows = [json.loads(line, parse_constant=strict) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert [r["prediction"] for r in rows[:2]] == ["hello", "hello"]
     assert m["wer"] == round(wer(["hello", "hello there", "hello hello"], ["hello", "hello", rows[2]["prediction"]]), 4)
     assert [("candidates" in r) for r in rows] == [True, True, False, False]
