@@ -218,16 +218,17 @@ class MultimodalLM(L.LightningModule):
         return result["loss"]
 
     @torch.no_grad()
-    def ctc_readout(self, batch: dict) -> list[str | None]:
+    def ctc_readout(self, batch: dict, outs: dict[str, tuple[Tensor, Tensor]] | None = None) -> list[str | None]:
         """Greedy CTC readout per sample: the text the adaptor alone spells, without the LLM; None for a sample
         without exactly one clip, or for every sample when the chain trained no CTC classes (``ctc_vocab``).
-        Why: in the two-phase recipe it splits the error between the spelling and the LLM's reading of it."""
+        Why: in the two-phase recipe it splits the error between the spelling and the LLM's reading of it.
+        ``outs``: adapt_all's result when the caller already has it (the adaptor then does not run again)."""
         texts: list[str | None] = [None] * batch["input_ids"].shape[0]
         if self.ctc_vocab is None:
             return texts
         table = self.llm.get_input_embeddings().weight
         clips = [0] * len(texts)
-        for name, (out, lengths) in self.adapt_all(batch).items():
+        for name, (out, lengths) in (outs if outs is not None else self.adapt_all(batch)).items():
             owner = batch["modal"][name]["sample_index"].tolist()
             hyps = greedy_ctc_decode(out, lengths, table, self.placeholder_ids[name], vocab=self.ctc_vocab,
                                      logits=self.ctc_logits(name, out))

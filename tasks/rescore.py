@@ -158,7 +158,7 @@ def joint_decode(model: Any, batch: dict, max_new_tokens: int, spec: DecodeSpec,
     """
     tok = model.tokenizer
     B, K = batch["input_ids"].shape[0], spec.num_beams
-    embeds, _, mask = model.embed(batch)
+    embeds, outs, mask = model.embed(batch)  # outs: each modality's uncompressed adaptor output, reused below
     stop = stop_id(tok)
     stops = [i for i in {tok.eos_token_id, stop} if isinstance(i, int) and i >= 0 and i != tok.unk_token_id]
     seqs = model.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
@@ -170,11 +170,11 @@ def joint_decode(model: Any, batch: dict, max_new_tokens: int, spec: DecodeSpec,
     cands: list[list[dict] | None] = [None] * B
     if not spec.joint or model.ctc_vocab is None:
         return best, cands
-    readouts = model.ctc_readout(batch)  # None unless exactly one clip (with CTC classes)
+    readouts = model.ctc_readout(batch, outs)  # None unless exactly one clip (with CTC classes)
     todo = [b for b in range(B) if batch["types"][b] in transcript_types and readouts[b] is not None]
     if not todo:
         return best, cands
-    spelled = _ctc_spellings(model, batch, spec.ctc_beams) if spec.ctc_beams else {}
+    spelled = _ctc_spellings(model, batch, outs, spec.ctc_beams) if spec.ctc_beams else {}
     for b in todo:
         seen = dict.fromkeys([*beams[b], readouts[b], *spelled.get(b, [])])  # ordered, unique; the LLM's first
         cands[b] = [{"text": t, "source": "llm" if t in beams[b] else "ctc"} for t in seen if t] or None
@@ -189,7 +189,7 @@ def joint_decode(model: Any, batch: dict, max_new_tokens: int, spec: DecodeSpec,
         c["lm"], c["tokens"] = v, len(i)
     # CTC scores, per clip
     vocab = model.ctc_vocab.to(embeds.device)
-    for name, (out, lengths) in model.adapt_all(batch).items():
+    for name, (out, lengths) in outs.items():
         logits = model.ctc_logits(name, out)                              # [n_clips, N, V]
         blank = class_index(vocab, model.placeholder_ids[name])
         for k, b in enumerate(batch["modal"][name]["sample_index"].tolist()):
@@ -204,11 +204,11 @@ def joint_decode(model: Any, batch: dict, max_new_tokens: int, spec: DecodeSpec,
     return best, cands
 
 
-def _ctc_spellings(model: Any, batch: dict, n: int) -> dict[int, list[str]]:
+def _ctc_spellings(model: Any, batch: dict, outs: dict[str, tuple[Tensor, Tensor]], n: int) -> dict[int, list[str]]:
     """Sample index -> the ``n`` best CTC prefix-beam spellings of its clip, as text (one-clip samples)."""
     vocab = model.ctc_vocab
     out: dict[int, list[str]] = {}
-    for name, (adapted, lengths) in model.adapt_all(batch).items():
+    for name, (adapted, lengths) in outs.items():
         logits = model.ctc_logits(name, adapted)
         blank = class_index(vocab.to(logits.device), model.placeholder_ids[name])
         owners = batch["modal"][name]["sample_index"].tolist()
