@@ -41,3 +41,11 @@ def add_placeholder_tokens(tokenizer: Any, model: nn.Module, tokens: list[str]) 
         if tokenizer.encode(t, add_special_tokens=False) != [i]:
             raise ValueError(f"placeholder {t!r} does not tokenize to a single id")
     return ids
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The ids that end an assistant turn: the chat turn end (``<|im_end|>``) where the tokenizer has one, then
+    EOS. The first is what a finished answer ends with (joint decoding appends it when scoring a candidate)."""
+    ids = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+    valid = [i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id]
+    return list(dict.fromkeys(valid))

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from data.collate import IGNORE
 from llm.lora import LoraSpec, apply_lora, backbone_and_head
+from llm.tokens import stop_token_ids
 from tasks.ctc import (UnitSegmenter, class_index, cosine_logits, ctc_compress, ctc_loss, greedy_ctc_decode,
                       linear_head, to_classes)
 from tasks.merge import merge_embeddings, valid_rows
@@ -266,11 +267,9 @@ class MultimodalLM(L.LightningModule):
         """Greedy decoding from a left-padded prompt batch (collator with generate=True)."""
         embeds, _, attention_mask = self.embed(batch)
         tok = self.tokenizer
-        stop = [i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
-                if isinstance(i, int) and i >= 0 and i != tok.unk_token_id]
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                pad_token_id=tok.pad_token_id, eos_token_id=stop, use_cache=True, **kwargs)
+                                pad_token_id=tok.pad_token_id, eos_token_id=stop_token_ids(tok), use_cache=True, **kwargs)
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
     # ---------------------------------------------------------------- optimisation

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llm.lora import backbone_and_head
+from llm.tokens import stop_token_ids
 from tasks.ctc import class_index, to_classes
 
 
@@ -144,11 +145,6 @@ def ctc_prefix_beams(logits: Tensor, length: int, blank: int, beam: int, prune: 
     return [(list(p), lse(*v)) for p, v in beams.items()]
 
 
-def stop_id(tokenizer: Any) -> int:
-    tid = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    return tid if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id else tokenizer.eos_token_id
-
-
 @torch.no_grad()
 def joint_decode(model: Any, batch: dict, max_new_tokens: int, spec: DecodeSpec,
                  transcript_types: set[str]) -> tuple[list[str], list[list[dict] | None]]:
@@ -159,8 +155,8 @@ def joint_decode(model: Any, batch: dict, max_new_tokens: int, spec: DecodeSpec,
     tok = model.tokenizer
     B, K = batch["input_ids"].shape[0], spec.num_beams
     embeds, outs, mask = model.embed(batch)  # outs: each modality's uncompressed adaptor output, reused below
-    stop = stop_id(tok)
-    stops = [i for i in {tok.eos_token_id, stop} if isinstance(i, int) and i >= 0 and i != tok.unk_token_id]
+    stops = stop_token_ids(tok)
+    stop = stops[0]  # what a finished answer ends with
     seqs = model.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                               do_sample=False, num_beams=K, num_return_sequences=K, early_stopping=K > 1,
                               pad_token_id=tok.pad_token_id, eos_token_id=stops, use_cache=True)  # [B*K, T]
