@@ -115,6 +115,15 @@ def ctc_logprobs(logits: Tensor, length: int, targets: list[list[int] | None], b
     return out
 
 
+def _logaddexp(a: float, b: float) -> float:
+    """log(e^a + e^b) on Python floats (the prefix search's inner loop; -inf is an empty sum)."""
+    if a == -math.inf:
+        return b
+    if b == -math.inf:
+        return a
+    return max(a, b) + math.log1p(math.exp(-abs(a - b)))
+
+
 def ctc_prefix_beams(logits: Tensor, length: int, blank: int, beam: int, prune: int = 8) -> list[tuple[list[int], float]]:
     """CTC prefix beam search over one clip's class logits [N, V]: the ``beam`` most probable label sequences
     (class indices) with their log p (summed over alignments), best first. Per position only the ``prune``
@@ -123,7 +132,7 @@ def ctc_prefix_beams(logits: Tensor, length: int, blank: int, beam: int, prune: 
     top = logp.topk(min(prune, logp.shape[1]), dim=-1).indices.tolist()
     lp = logp.tolist()
     ninf = -math.inf
-    lse = lambda a, b: b if a == ninf else a if b == ninf else max(a, b) + math.log1p(math.exp(-abs(a - b)))  # noqa: E731
+    lse = _logaddexp
     beams: dict[tuple[int, ...], list[float]] = {(): [0.0, ninf]}       # prefix -> [log p ending in blank, in a label]
     for t in range(len(lp)):
         nxt: dict[tuple[int, ...], list[float]] = {}
