@@ -161,6 +161,9 @@ def joint_decode(model: Any, batch: dict, max_new_tokens: int, spec: DecodeSpec,
 
     ``model``: a MultimodalLM (its llm, tokenizer, embed, adapt_all, ctc_logits, ctc_vocab, ctc_segmenter).
     """
+    if spec.joint and model.ctc_vocab is None:
+        raise ValueError("eval.ctc_weight > 0 needs a chain trained with CTC classes (stage.ctc_vocab=corpus, "
+                         "e.g. experiment=speech_align_ctc); this model has none: set eval.ctc_weight=0")
     tok = model.tokenizer
     B, K = batch["input_ids"].shape[0], spec.num_beams
     embeds, outs, mask = model.embed(batch)  # outs: each modality's uncompressed adaptor output, reused below
@@ -173,7 +176,7 @@ def joint_decode(model: Any, batch: dict, max_new_tokens: int, spec: DecodeSpec,
     beams = [texts[b * K : (b + 1) * K] for b in range(B)]
     best = [b[0] for b in beams]
     cands: list[list[dict] | None] = [None] * B
-    if not spec.joint or model.ctc_vocab is None:
+    if not spec.joint:
         return best, cands
     readouts = model.ctc_readout(batch, outs)  # None unless exactly one clip (with CTC classes)
     todo = [b for b in range(B) if batch["types"][b] in transcript_types and readouts[b] is not None]

@@ -105,6 +105,8 @@ def test_joint_decoding_keeps_what_the_audio_supports(tiny_lm, toy_modality, tmp
 
     model = build(tiny_lm, toy_modality, "align").eval()
     tok = tiny_lm.tokenizer
+    with pytest.raises(ValueError, match="needs a chain trained with CTC classes"):  # not a silent greedy decode
+        joint_decode(model, batch_for(model, [_asr(0, "hello")], generate=True), 4, DecodeSpec(ctc_weight=0.5), WER_TYPES)
     hello = tok.encode(" hello", add_special_tokens=False)
     blank = model.placeholder_ids["toy"]
     vocab = torch.tensor(sorted({blank, hello[0]}))
