@@ -18,6 +18,7 @@ run stored (no model needed), so a weight is chosen on one split and reported on
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +66,12 @@ def pick(candidates: list[dict], weight: float, bonus: float) -> str:
     return candidates[best]["text"]
 
 
+def _cache_name(backbone: torch.nn.Module) -> str:
+    """The KV cache's keyword and output field: ``cache`` in transformers >= 5.2x, ``past_key_values`` before
+    (still accepted there, with a warning, until its removal)."""
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def lm_logprobs(llm: torch.nn.Module, embeds: Tensor, mask: Tensor, owner: list[int], cands: list[list[int]]) -> Tensor:
     """Sum of log p(candidate tokens | prompt) under the LLM, teacher-forced in one batch.
@@ -85,13 +92,14 @@ def lm_logprobs(llm: torch.nn.Module, embeds: Tensor, mask: Tensor, owner: list[
     mask = mask.to(torch.long)
     first = backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                      use_cache=True)
-    cache = first.past_key_values
+    name = _cache_name(backbone)
+    cache = getattr(first, name)
     cache.reorder_cache(rows)                                               # B prompts -> n copies
     m = torch.cat([mask[rows], cmask], dim=1)                               # [n, L + lc]
     pos = mask[rows].sum(-1, keepdim=True) + torch.arange(lc, device=dev)   # [n, lc]: after each prompt
     x = llm.get_input_embeddings()(ids).to(embeds)                          # [n, lc, D]
-    hidden = backbone(inputs_embeds=x, attention_mask=m, position_ids=pos, past_key_values=cache,
-                      use_cache=True).last_hidden_state                     # [n, lc, D]
+    hidden = backbone(inputs_embeds=x, attention_mask=m, position_ids=pos, use_cache=True,
+                      **{name: cache}).last_hidden_state                    # [n, lc, D]
     hidden = torch.cat([first.last_hidden_state[rows, -1:], hidden[:, :-1]], dim=1)  # position j predicts ids[:, j]
     lp = head(hidden).float().log_softmax(-1).gather(-1, ids[..., None])[..., 0]    # [n, lc]
     return (lp * cmask).sum(-1)
