@@ -105,9 +105,8 @@ def run_generation(model, loader, max_new_tokens: int, predictions_path: Path | 
     ``ctc_readout`` per row): what the speech says before the LLM reads it. ``decode`` (a
     tasks.rescore.DecodeSpec): beam search and joint CTC/LLM rescoring of transcripts; each rescored row
     then keeps its scored ``candidates``."""
-    from tasks.rescore import joint_decode
+    from tasks.rescore import DecodeSpec, joint_decode
 
-    plain = decode is None or (decode.num_beams == 1 and not decode.joint)
     was_training = model.training
     model.eval()
     types, refs, preds, rows, skipped = [], [], [], [], []
@@ -117,11 +116,11 @@ def run_generation(model, loader, max_new_tokens: int, predictions_path: Path | 
         if batch["input_ids"].shape[0] == 0:
             continue
         batch = _to_device(batch, model.device)
-        if plain:
-            outs, cands = model.generate(batch, max_new_tokens=max_new_tokens), [None] * batch["input_ids"].shape[0]
+        if hasattr(model, "ctc_readout"):  # a MultimodalLM: the adaptor runs once for answer and readout
+            outs, readouts, cands = joint_decode(model, batch, max_new_tokens, decode or DecodeSpec(), WER_TYPES)
         else:
-            outs, cands = joint_decode(model, batch, max_new_tokens, decode, WER_TYPES)
-        readouts = model.ctc_readout(batch) if hasattr(model, "ctc_readout") else [None] * len(outs)  # None: no CTC classes
+            outs = model.generate(batch, max_new_tokens=max_new_tokens)
+            readouts = cands = [None] * len(outs)
         for i, (t, r, p, c, cand) in enumerate(zip(batch["types"], batch["references"], outs, readouts, cands)):
             types.append(t)
             refs.append(r or "")

@@ -40,10 +40,12 @@ class DecodeSpec:
     ctc_weight: float = 0.0
     length_bonus: float = 0.0
     ctc_beams: int = 0
+    score_batch: int = 0  # candidate sequences per teacher-forced LLM forward (0: a batch's all at once)
 
     def __post_init__(self) -> None:
-        if self.num_beams < 1 or not 0 <= self.ctc_weight <= 1 or self.ctc_beams < 0:
-            raise ValueError(f"eval.num_beams must be >= 1 and eval.ctc_weight in [0, 1], got {self}")
+        if self.num_beams < 1 or not 0 <= self.ctc_weight <= 1 or self.ctc_beams < 0 or self.score_batch < 0:
+            raise ValueError("eval.num_beams must be >= 1, eval.ctc_weight in [0, 1], eval.ctc_beams and "
+                             f"eval.score_batch >= 0, got {self}")
 
     @property
     def joint(self) -> bool:
@@ -162,12 +164,46 @@ def ctc_prefix_beams(logits: Tensor, length: int, blank: int, beam: int, prune: 
     return [(list(p), lse(*v)) for p, v in beams.items()]
 
 
+def chunk_prompts(owner: list[int], limit: int) -> list[list[int]]:
+    """Consecutive groups of prompt indices whose candidates number <= ``limit`` (a prompt is never split;
+    one with more candidates than the limit is a group alone). ``owner``: each candidate's prompt, sorted."""
+    per: dict[int, int] = {}
+    for b in owner:
+        per[b] = per.get(b, 0) + 1
+    groups: list[list[int]] = []
+    n = 0
+    for b, c in per.items():
+        if groups and n + c <= limit:
+            groups[-1].append(b)
+            n += c
+        else:
+            groups.append([b])
+            n = c
+    return groups
+
+
+def score_candidates(llm: torch.nn.Module, embeds: Tensor, mask: Tensor, owner: list[int], cands: list[list[int]],
+                     limit: int = 0) -> list[float]:
+    """lm_logprobs in forwards of at most ``limit`` candidates (0: one forward): an 8B LLM's full-vocabulary
+    logits for ~100 candidates do not fit beside it. Same scores either way (each prompt still runs once)."""
+    if not limit:
+        return lm_logprobs(llm, embeds, mask, owner, cands).tolist()
+    out: list[float] = []
+    for group in chunk_prompts(owner, limit):
+        rows = torch.tensor(group, device=embeds.device)
+        local = {b: i for i, b in enumerate(group)}
+        ks = [k for k, b in enumerate(owner) if b in local]
+        out += lm_logprobs(llm, embeds[rows], mask[rows], [local[owner[k]] for k in ks], [cands[k] for k in ks]).tolist()
+    return out
+
+
 @torch.no_grad()
 def joint_decode(model: Any, batch: dict, max_new_tokens: int, spec: DecodeSpec,
-                 transcript_types: set[str]) -> tuple[list[str], list[list[dict] | None]]:
-    """Decode a generate-mode batch with ``spec``; returns (texts, candidates per sample or None).
+                 transcript_types: set[str]) -> tuple[list[str], list[str | None], list[list[dict] | None]]:
+    """Decode a generate-mode batch with ``spec``; returns (texts, CTC readouts, candidates per sample or None).
 
     ``model``: a MultimodalLM (its llm, tokenizer, embed, adapt_all, ctc_logits, ctc_vocab, ctc_segmenter).
+    The adaptor runs once per batch: the LLM's prompt, the readout, the spellings and the CTC scores share it.
     """
     if spec.joint and model.ctc_vocab is None:
         raise ValueError("eval.ctc_weight > 0 needs a chain trained with CTC classes (stage.ctc_vocab=corpus, "
@@ -184,23 +220,23 @@ def joint_decode(model: Any, batch: dict, max_new_tokens: int, spec: DecodeSpec,
     beams = [texts[b * K : (b + 1) * K] for b in range(B)]
     best = [b[0] for b in beams]
     cands: list[list[dict] | None] = [None] * B
-    if not spec.joint:
-        return best, cands
     readouts = model.ctc_readout(batch, outs)  # None unless exactly one clip (with CTC classes)
+    if not spec.joint:
+        return best, readouts, cands
     todo = [b for b in range(B) if batch["types"][b] in transcript_types and readouts[b] is not None]
     if not todo:
-        return best, cands
+        return best, readouts, cands
     spelled = _ctc_spellings(model, batch, outs, spec.ctc_beams) if spec.ctc_beams else {}
     for b in todo:
         seen = dict.fromkeys([*beams[b], readouts[b], *spelled.get(b, [])])  # ordered, unique; the LLM's first
         cands[b] = [{"text": t, "source": "llm" if t in beams[b] else "ctc"} for t in seen if t] or None
     todo = [b for b in todo if cands[b] is not None]
     if not todo:
-        return best, cands
-    # LLM scores, one teacher-forced batch
+        return best, readouts, cands
+    # LLM scores, teacher-forced (in forwards of <= spec.score_batch candidates)
     flat = [(b, c) for b in todo for c in cands[b]]
     ids = [tok.encode(c["text"], add_special_tokens=False) + [stop] for _, c in flat]
-    lm = lm_logprobs(model.llm, embeds, mask, [b for b, _ in flat], ids).tolist()
+    lm = score_candidates(model.llm, embeds, mask, [b for b, _ in flat], ids, spec.score_batch)
     for (b, c), v, i in zip(flat, lm, ids):
         c["lm"], c["tokens"] = v, len(i)
     # CTC scores, per clip
@@ -217,7 +253,7 @@ def joint_decode(model: Any, batch: dict, max_new_tokens: int, spec: DecodeSpec,
                 c["ctc"] = v if math.isfinite(v) else None  # strict JSON in predictions.jsonl (no -Infinity)
     for b in todo:
         best[b] = pick(cands[b], spec.ctc_weight, spec.length_bonus)
-    return best, cands
+    return best, readouts, cands
 
 
 def _ctc_spellings(model: Any, batch: dict, outs: dict[str, tuple[Tensor, Tensor]], n: int) -> dict[int, list[str]]:

@@ -188,7 +188,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics["ctc_vocab"] = len(model.ctc_vocab)
     ev = cfg.get("eval", {})
     decode = DecodeSpec(int(ev.get("num_beams", 1)), float(ev.get("ctc_weight", 0.0)), float(ev.get("length_bonus", 0.0)),
-                        int(ev.get("ctc_beams", 0)))
+                        int(ev.get("ctc_beams", 0)), int(ev.get("score_batch", 0)))
     eval_loader = dm.eval_dataloader()
     if policy.name == "evaluate":
         if eval_loader is None:

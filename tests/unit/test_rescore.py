@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from tasks.rescore import DecodeSpec, ctc_logprobs, ctc_prefix_beams, lm_logprobs, main, pick, sweep
+from tasks.rescore import (DecodeSpec, chunk_prompts, ctc_logprobs, ctc_prefix_beams, lm_logprobs, main, pick,
+                           score_candidates, sweep)
 
 
 def _collapse(path: tuple[int, ...], blank: int) -> list[int]:
@@ -72,6 +73,12 @@ def test_lm_logprobs_matches_scoring_each_candidate_alone(tiny_lm):
             logits = llm(torch.tensor([prompts[o] + c])).logits[0].log_softmax(-1)
             want = sum(logits[len(prompts[o]) - 1 + j, t].item() for j, t in enumerate(c))
             assert got[k].item() == pytest.approx(want, abs=1e-4)
+    # in forwards of <= 2 candidates: the same scores, each prompt whole in one group
+    assert chunk_prompts(owner, 2) == [[0], [1]] and chunk_prompts([0, 1, 1, 1, 2], 2) == [[0], [1], [2]]
+    assert chunk_prompts([0, 1, 2, 2], 3) == [[0, 1], [2]]
+    chunked = score_candidates(llm, embeds, mask, owner, cands, limit=2)
+    assert chunked == pytest.approx(got.tolist(), abs=1e-5)
+    assert score_candidates(llm, embeds, mask, owner, cands) == got.tolist()
 
 
 def test_pick_trades_the_llm_against_the_audio():
@@ -119,8 +126,9 @@ def test_joint_decoding_keeps_what_the_audio_supports(tiny_lm, toy_modality, tmp
     batch = batch_for(model, recs, generate=True)
     greedy = model.generate(batch, max_new_tokens=4)
     assert "hello" not in greedy[:2]                     # the random LLM does not say it
-    texts, cands = joint_decode(model, batch, 4, DecodeSpec(num_beams=2, ctc_weight=1.0, ctc_beams=3), WER_TYPES)
-    assert texts[:2] == ["hello", "hello"]
+    texts, readouts, cands = joint_decode(model, batch, 4, DecodeSpec(num_beams=2, ctc_weight=1.0, ctc_beams=3),
+                                          WER_TYPES)
+    assert texts[:2] == ["hello", "hello"] and readouts[:2] == ["hello", "hello"] and readouts[2] is None
     assert cands[2] is None and cands[3] is None         # two clips / not a transcript: the LLM's best beam
     beams = model.llm.generate(inputs_embeds=model.embed(batch)[0], attention_mask=model.embed(batch)[2],
                                max_new_tokens=4, do_sample=False, num_beams=2, num_return_sequences=2,
@@ -131,7 +139,10 @@ def test_joint_decoding_keeps_what_the_audio_supports(tiny_lm, toy_modality, tmp
     assert first[-1]["ctc"] > -5 and all(c["ctc"] is None for c in first[:-1])  # unspellable: null in the JSON
     assert all(c["tokens"] >= 1 and math.isfinite(c["lm"]) for c in first)
 
+    calls = []
+    model.adapt_all = lambda b, f=model.adapt_all: calls.append(1) or f(b)  # type: ignore[method-assign]
     m = run_generation(model, [batch], 4, tmp_path / "p.jsonl", decode=DecodeSpec(num_beams=2, ctc_weight=1.0))
+    assert len(calls) == 1  # answer, readout, spellings and CTC scores share one adaptor pass
     def strict(c):
         raise AssertionError(f"not strict JSON: {c}")
 
