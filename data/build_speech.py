@@ -55,16 +55,20 @@ def build_align(out: Path, n_align: int, jobs: int, seed: int) -> dict:
     return build_corpus(out, n_align, pools, jobs=jobs, seed=seed)
 
 
-def build_wordnet_train(out: Path, n: int, jobs: int, seed: int) -> dict:
-    """``n`` training clips of WordNet example sentences (one per sentence up to their count), training voices."""
+def build_wordnet_train(out: Path, n: int, jobs: int, seed: int, part: str = "examples") -> dict:
+    """``n`` training clips of WordNet text (one per sentence up to their count), training voices.
+
+    ``part``: examples | definitions (see :func:`data.sentences.wordnet_examples`).
+    """
     pools = split_sentences(load_sentences(seed=seed))
-    texts = wordnet_examples(seed=seed, exclude=pools["eval"] + pools["val"])
+    texts = wordnet_examples(seed=seed, exclude=pools["eval"] + pools["val"], part=part)
     voices, variants = split_voices()["train"]
-    specs = plan_split(texts, n, "wordnet", seed, voices, variants)
-    rows, errors = render(specs, out, "wavs/wordnet", "train", jobs, previous=out / "train.jsonl")
+    name = "wordnet" if part == "examples" else f"wordnet-{part}"
+    specs = plan_split(texts, n, name, seed, voices, variants)
+    rows, errors = render(specs, out, f"wavs/{name}", "train", jobs, previous=out / "train.jsonl")
     write_manifest(out / "train.jsonl", rows)
     return {"train": len(rows), "sentences": len(texts), "failed": len(errors), "errors": errors[:3],
-            "pruned": prune(out, "wavs/wordnet", rows), "hours": round(sum(r["duration"] for r in rows) / 3600, 3)}
+            "pruned": prune(out, f"wavs/{name}", rows), "hours": round(sum(r["duration"] for r in rows) / 3600, 3)}
 
 
 def build_instruct(out: Path, n_train: int, n_eval: int, jobs: int, seed: int) -> dict:
@@ -104,7 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--align-only", action="store_true", help="build only the align manifests (e.g. a larger corpus for speech_align_long)")
     p.add_argument("--wordnet-train", type=int, default=0, metavar="N",
-                   help="build ONLY a train.jsonl of N clips of WordNet example sentences (apt: wordnet-base)")
+                   help="build ONLY a train.jsonl of N clips of WordNet text (apt: wordnet-base)")
+    p.add_argument("--wordnet-part", choices=("examples", "definitions"), default="examples",
+                   help="with --wordnet-train: the glosses' example sentences or their definitions")
     return p.parse_args(argv)
 
 
@@ -114,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if args.wordnet_train:
-        wn = build_wordnet_train(args.out, args.wordnet_train, args.jobs, args.seed)
-        print(f"wordnet train: {wn['train']} clips of {wn['sentences']} sentences ({wn['hours']} h audio), "
+        wn = build_wordnet_train(args.out, args.wordnet_train, args.jobs, args.seed, args.wordnet_part)
+        print(f"wordnet {args.wordnet_part} train: {wn['train']} clips of {wn['sentences']} sentences ({wn['hours']} h audio), "
               f"{wn['failed']} skipped (espeak failed), {wn['pruned']} stale removed, {time.perf_counter() - t0:.1f}s")
         for e in wn["errors"]:
             print(f"  skipped: {e}", file=sys.stderr)

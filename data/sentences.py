@@ -6,7 +6,7 @@ corpus is built offline with no hub download and no template text. They give the
 eval/val pools and part of train.
 
 Why WordNet too (``wordnet-base``): its glosses quote ~27k short example sentences of everyday
-English ("The draft gave me a cold."), five times the fortune train pool. More distinct
+English ("The draft gave me a cold."), five times the fortune train pool, and ~66k definitions ("A tangible and visible entity."). More distinct
 training sentences is what an alignment corpus of a few thousand sentences lacks most
 (measured: half the held-out error is unseen sentences, see bench/RESULTS.md).
 """
@@ -118,31 +118,50 @@ def load_sentences(fortune_dir: str | Path = FORTUNE_DIR, seed: int = 0, min_cou
     return sorted(seen.values(), key=lambda s: _stable_key(s, seed))
 
 
-def wordnet_examples(wordnet_dir: str | Path = WORDNET_DIR, seed: int = 0, exclude: Iterable[str] = ()) -> list[str]:
-    """WordNet's quoted gloss examples that pass :func:`clean_sentence`, deduplicated, stably shuffled.
-
-    ``exclude``: sentences (any case) that must not come back, e.g. the held-out eval/val pools.
-    A missing WordNet raises FileNotFoundError (one line) naming the apt package.
-    """
-    root = Path(wordnet_dir)
+def _wordnet_glosses(root: Path) -> Iterable[str]:
+    """Every synset's gloss ("definition; \"example\"; ...") in WordNet's four data files."""
     files = [root / f"data.{pos}" for pos in ("noun", "verb", "adj", "adv")]
     if not all(f.is_file() for f in files):
         raise FileNotFoundError(f"no WordNet data files (data.noun, ...) in {root}: install them with "
                                 f"`apt-get install {WORDNET_PACKAGE}`")
-    banned = {e.lower() for e in exclude}
-    seen: dict[str, str] = {}
     for path in files:
         for line in path.read_text(errors="replace").splitlines():
-            if line.startswith("  ") or " | " not in line:  # the license header, or a synset with no gloss
-                continue
-            for quote in re.findall(r'"([^"]+)"', line.split(" | ", 1)[1]):
-                q = quote.strip()
-                if not q:
-                    continue
-                q = q[0].upper() + q[1:] + ("" if q[-1] in ".!?" else ".")
-                c = clean_sentence(q)
-                if c is not None and c.lower() not in banned:
-                    seen.setdefault(c.lower(), c)
+            if not line.startswith("  ") and " | " in line:  # not the license header, a synset with a gloss
+                yield line.split(" | ", 1)[1]
+
+
+def _as_sentence(text: str) -> str | None:
+    """Capitalised, full-stopped and cleaned (:func:`clean_sentence`); None when it breaks a rule."""
+    t = text.strip()
+    if not t:
+        return None
+    return clean_sentence(t[0].upper() + t[1:] + ("" if t[-1] in ".!?" else "."))
+
+
+def wordnet_examples(wordnet_dir: str | Path = WORDNET_DIR, seed: int = 0, exclude: Iterable[str] = (),
+                     part: str = "examples") -> list[str]:
+    """WordNet text that passes :func:`clean_sentence`, deduplicated, stably shuffled.
+
+    ``part``: ``examples`` = the glosses' quoted example sentences (~27k); ``definitions`` = the
+    definitions themselves (~66k, "A tangible and visible entity."): a far wider vocabulary, which is
+    what the recognizer lacks (it rarely spells a word seen in fewer than four training clips).
+    ``exclude``: sentences (any case) that must not come back, e.g. the held-out eval/val pools.
+    A missing WordNet raises FileNotFoundError (one line) naming the apt package.
+    """
+    if part not in ("examples", "definitions"):
+        raise ValueError(f"part must be 'examples' or 'definitions', got {part!r}")
+    banned = {e.lower() for e in exclude}
+    seen: dict[str, str] = {}
+    for gloss in _wordnet_glosses(Path(wordnet_dir)):
+        if part == "examples":
+            pieces = re.findall(r'"([^"]+)"', gloss)
+        else:
+            head = gloss.split(";", 1)[0]
+            pieces = [] if '"' in head else [head]
+        for piece in pieces:
+            c = _as_sentence(piece)
+            if c is not None and c.lower() not in banned:
+                seen.setdefault(c.lower(), c)
     return sorted(seen.values(), key=lambda s: _stable_key(s, seed))
 
 

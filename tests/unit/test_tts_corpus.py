@@ -117,6 +117,23 @@ def test_wordnet_examples_cleaned_deduplicated_and_excluding(tmp_path: Path) -> 
         S.wordnet_examples(tmp_path / "missing")
 
 
+def test_wordnet_definitions_are_the_gloss_heads_without_quotes(tmp_path: Path) -> None:
+    (tmp_path / "data.noun").write_text(
+        "  1 This software and database is being provided\n"
+        '00001740 03 n 01 entity 0 000 | a tangible and visible entity of the world; "the draft gave me a cold"\n'
+        '00001741 03 n 01 cat 0 000 | a small domesticated carnivorous mammal; a pet\n'
+        '00001742 03 n 01 x 0 000 | "quoted" head of a gloss with a quote\n'
+        '00001743 03 n 01 y 0 000 | too short here\n')
+    for pos in ("verb", "adj", "adv"):
+        (tmp_path / f"data.{pos}").write_text("")
+    got = S.wordnet_examples(tmp_path, part="definitions")
+    # only the part before the first ';', capitalised + full stop; quoted heads and short heads dropped
+    assert sorted(got) == ["A small domesticated carnivorous mammal.", "A tangible and visible entity of the world."]
+    assert S.wordnet_examples(tmp_path) == ["The draft gave me a cold."]  # the examples part: quotes only
+    with pytest.raises(ValueError, match="part must be"):
+        S.wordnet_examples(tmp_path, part="glosses")
+
+
 @pytest.mark.skipif(not Path("/usr/share/wordnet/data.noun").is_file(), reason="wordnet-base (make install) missing")
 def test_real_wordnet_source_is_large_and_disjoint_from_held_out_text() -> None:
     pools = S.split_sentences(S.load_sentences())
@@ -124,6 +141,9 @@ def test_real_wordnet_source_is_large_and_disjoint_from_held_out_text() -> None:
     got = S.wordnet_examples(exclude=held_out)
     assert len(got) > 20000 and not held_out & {s.lower() for s in got}
     assert all(S.clean_sentence(s) == s for s in got[:500])
+    defs = S.wordnet_examples(exclude=held_out, part="definitions")
+    assert len(defs) > 50000 and not {s.lower() for s in defs} & held_out
+    assert all(S.clean_sentence(s) == s for s in defs[:500])
 
 
 def test_classes_and_spec_validation() -> None:
