@@ -8,7 +8,7 @@ DEMO_INSTRUCT_BATCH ?= 4
 APT_PACKAGES = espeak-ng sox libsndfile1 fortunes fortunes-min wordnet-base
 export PYTHONUNBUFFERED=1
 
-.PHONY: install apt pip data data-long data-wordnet align-long demo test test-fast bench clean
+.PHONY: install apt pip data data-long data-wordnet data-wordnet-defs align-long demo test test-fast bench clean
 
 install: apt pip
 
@@ -32,6 +32,10 @@ data-long: install
 # extra training text for the long recipe: WordNet's example sentences (24,000 clips, training voices only)
 data-wordnet: install
 	$(PY) -m data.build_speech --out data_cache/speech_wordnet --wordnet-train 24000 --jobs 2
+
+# more: WordNet's gloss definitions ("A tangible and visible entity."; 24,000 clips of ~66k, training voices only)
+data-wordnet-defs: install
+	$(PY) -m data.build_speech --out data_cache/speech_wndefs --wordnet-train 24000 --wordnet-part definitions --jobs 2
 
 # the long alignment recipe: CTC-only spelling (phase 1, fortunes + WordNet), then LoRA reading it (phase 2), then
 # held-out WER. ~2.5 h on a 2-core CPU (data ~1 h, phase 1 ~63 min, phase 2 ~21 min); bench/RESULTS.md
