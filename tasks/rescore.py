@@ -271,13 +271,39 @@ def _ctc_spellings(model: Any, batch: dict, outs: dict[str, tuple[Tensor, Tensor
     return out
 
 
-def sweep(rows: list[dict], weights: list[float], bonuses: list[float]) -> list[dict]:
-    """WER of the transcript rows of a predictions file re-picked at each (weight, bonus)."""
-    from tasks.evaluate import WER_TYPES, trim_repeats, wer
+def _transcript_rows(rows: list[dict]) -> list[dict]:
+    from tasks.evaluate import WER_TYPES
 
     rows = [r for r in rows if r.get("type") in WER_TYPES and r.get("candidates")]
     if not rows:
         raise ValueError("no transcript rows with candidates: evaluate with eval.ctc_weight > 0 first")
+    return rows
+
+
+def oracle(rows: list[dict]) -> dict:
+    """WER when each clip takes its best stored candidate: the floor for ANY rescoring of these candidates.
+
+    Why: it tells a scoring problem (the right text is among the candidates) from a recognition one (it is not).
+    """
+    from tasks.evaluate import edit_distance, normalize, trim_repeats
+
+    rows = _transcript_rows(rows)
+    errors = words = 0
+    sources: dict[str, int] = {}
+    for r in rows:
+        ref = normalize(r["reference"] or "")
+        best = min(r["candidates"], key=lambda c: edit_distance(ref, normalize(trim_repeats(c["text"]))))
+        errors += edit_distance(ref, normalize(trim_repeats(best["text"])))
+        words += len(ref)
+        sources[best.get("source", "?")] = sources.get(best.get("source", "?"), 0) + 1
+    return {"wer": round(errors / max(1, words), 4), "samples": len(rows), "best_source": dict(sorted(sources.items()))}
+
+
+def sweep(rows: list[dict], weights: list[float], bonuses: list[float]) -> list[dict]:
+    """WER of the transcript rows of a predictions file re-picked at each (weight, bonus)."""
+    from tasks.evaluate import trim_repeats, wer
+
+    rows = _transcript_rows(rows)
     refs = [r["reference"] or "" for r in rows]
     out = []
     for w in weights:
@@ -295,14 +321,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--weights", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1")
     ap.add_argument("--bonus", default="0", help="length bonuses (per token), comma-separated")
     a = ap.parse_args(argv)
-    table = sweep(read_manifest(a.predictions), [float(x) for x in a.weights.split(",")],
-                  [float(x) for x in a.bonus.split(",")])
+    rows = read_manifest(a.predictions)
+    table = sweep(rows, [float(x) for x in a.weights.split(",")], [float(x) for x in a.bonus.split(",")])
     print("ctc_weight  length_bonus  wer")
     for r in table:
         print(f"{r['ctc_weight']:>10}  {r['length_bonus']:>12}  {100 * r['wer']:.1f} %")
     best = min(table, key=lambda r: r["wer"])
     print(f"best: ctc_weight={best['ctc_weight']} length_bonus={best['length_bonus']} wer={100 * best['wer']:.1f} % "
           f"({best['samples']} transcripts)")
+    o = oracle(rows)
+    print(f"oracle (each clip's best candidate, the floor for any scoring): wer={100 * o['wer']:.1f} % "
+          f"best from {o['best_source']}")
 
 
 if __name__ == "__main__":

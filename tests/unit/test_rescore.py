@@ -9,8 +9,18 @@ import math
 import pytest
 import torch
 
-from tasks.rescore import (DecodeSpec, chunk_prompts, ctc_logprobs, ctc_prefix_beams, lm_logprobs, main, pick,
-                           score_candidates, sweep)
+from tasks.rescore import (
+    DecodeSpec,
+    chunk_prompts,
+    ctc_logprobs,
+    ctc_prefix_beams,
+    lm_logprobs,
+    main,
+    oracle,
+    pick,
+    score_candidates,
+    sweep,
+)
 
 
 def _collapse(path: tuple[int, ...], blank: int) -> list[int]:
@@ -160,6 +170,11 @@ def test_joint_decoding_keeps_what_the_audio_supports(tiny_lm, toy_modality, tmp
     capsys.readouterr()
     main([str(tmp_path / "made.jsonl"), "--weights", "0,1"])
     out = capsys.readouterr().out
-    assert "best: ctc_weight=1.0" in out and "(3 transcripts)" in out
+    assert "best: ctc_weight=1.0" in out and "(3 transcripts)" in out and "oracle" in out
+    # the oracle takes each clip's closest candidate whatever its scores: "what was said" wins on the made row
+    o = oracle(made)
+    assert o == {"wer": 0.0, "samples": 1, "best_source": {"?": 1}}
+    made[0]["candidates"][1]["text"], made[0]["candidates"][1]["source"] = "what was", "ctc"
+    assert oracle(made)["wer"] == pytest.approx(1 / 3, abs=1e-4) and oracle(made)["best_source"] == {"ctc": 1}
     with pytest.raises(ValueError, match="no transcript rows"):
         sweep([{"type": "asr", "reference": "x", "prediction": "y"}], [0.5], [0.0])
