@@ -6,9 +6,9 @@ corpus is built offline with no hub download and no template text. They give the
 eval/val pools and part of train.
 
 Why WordNet too (``wordnet-base``): its glosses quote ~27k short example sentences of everyday
-English ("The draft gave me a cold."), five times the fortune train pool, and ~66k definitions ("A tangible and visible entity."). More distinct
-training sentences is what an alignment corpus of a few thousand sentences lacks most
-(measured: half the held-out error is unseen sentences, see bench/RESULTS.md).
+English ("The draft gave me a cold."), five times the fortune train pool, and ~66k definitions
+("A tangible and visible entity."). More distinct training sentences is what an alignment corpus of
+a few thousand sentences lacks most (measured: half the held-out error is unseen sentences, see bench/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -289,13 +290,13 @@ def oracle(rows: list[dict]) -> dict:
 
     rows = _transcript_rows(rows)
     errors = words = 0
-    sources: dict[str, int] = {}
+    sources: Counter[str] = Counter()
     for r in rows:
         ref = normalize(r["reference"] or "")
-        best = min(r["candidates"], key=lambda c: edit_distance(ref, normalize(trim_repeats(c["text"]))))
-        errors += edit_distance(ref, normalize(trim_repeats(best["text"])))
+        dist, i = min((edit_distance(ref, normalize(trim_repeats(c["text"]))), i) for i, c in enumerate(r["candidates"]))
+        errors += dist
         words += len(ref)
-        sources[best.get("source", "?")] = sources.get(best.get("source", "?"), 0) + 1
+        sources[r["candidates"][i].get("source", "?")] += 1
     return {"wer": round(errors / max(1, words), 4), "samples": len(rows), "best_source": dict(sorted(sources.items()))}
 
 
