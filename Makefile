@@ -5,7 +5,7 @@ OUT ?= outputs/demo
 DEMO_ALIGN_STEPS ?= 90
 DEMO_INSTRUCT_STEPS ?= 60
 DEMO_INSTRUCT_BATCH ?= 4
-APT_PACKAGES = espeak-ng sox libsndfile1 fortunes fortunes-min wordnet-base
+APT_PACKAGES = espeak-ng sox libsndfile1 fortunes fortunes-min wordnet-base wamerican
 export PYTHONUNBUFFERED=1
 
 .PHONY: install apt pip data data-long data-wordnet data-wordnet-defs align-long demo test test-fast bench clean
@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED=1
 install: apt pip
 
 apt:
-	@if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null || ! [ -f /usr/share/games/fortunes/wisdom ] || ! [ -f /usr/share/wordnet/data.noun ]; then \
+	@if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null || ! [ -f /usr/share/games/fortunes/wisdom ] || ! [ -f /usr/share/wordnet/data.noun ] || ! [ -f /usr/share/dict/american-english ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
 	fi

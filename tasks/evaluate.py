@@ -111,6 +111,7 @@ def run_generation(model, loader, max_new_tokens: int, predictions_path: Path | 
     model.eval()
     types, refs, preds, rows, skipped = [], [], [], [], []
     spelled: list[tuple[str, str]] = []  # (reference, CTC readout) of transcript samples, when the chain has one
+    phonemes = getattr(model, "ctc_phonemes", None)  # a phoneme chain's readout is phonemes: counted as PER
     for batch in tqdm(loader, desc=desc, leave=False):
         skipped += batch["skipped"]
         if batch["input_ids"].shape[0] == 0:
@@ -127,7 +128,8 @@ def run_generation(model, loader, max_new_tokens: int, predictions_path: Path | 
             preds.append(p)
             trimmed = trim_repeats(p)
             rows.append({"id": batch["ids"][i], "type": t, "reference": r, "prediction": trimmed,
-                         **({"raw_prediction": p} if trimmed != p else {}), **({"ctc_readout": c} if c is not None else {}),
+                         **({"raw_prediction": p} if trimmed != p else {}),
+                         **({"phoneme_readout" if phonemes else "ctc_readout": c} if c is not None else {}),
                          **({"candidates": cand} if cand is not None else {})})
             if c is not None and t in WER_TYPES:
                 spelled.append((r or "", c))
@@ -135,7 +137,11 @@ def run_generation(model, loader, max_new_tokens: int, predictions_path: Path | 
     metrics = score(types, refs, [trim_repeats(p) for p in preds])
     if "wer" in metrics:
         metrics["wer_raw"] = score(types, refs, preds)["wer"]
-    if spelled:  # the adaptor's own spelling (greedy CTC), beside what the LLM made of it
+    if spelled and phonemes:  # the adaptor's own phonemes vs espeak-ng's for the reference
+        ref_ph = [model.phonemizer([r])[0] if normalize(r) else [] for r, _ in spelled]
+        errors = sum(edit_distance(t, c.split()) for t, (_, c) in zip(ref_ph, spelled))
+        metrics["ctc_per"] = round(errors / max(1, sum(len(t) for t in ref_ph)), 4)
+    elif spelled:  # the adaptor's own spelling (greedy CTC), beside what the LLM made of it
         metrics["ctc_wer"] = round(wer([r for r, _ in spelled], [c for _, c in spelled]), 4)
     metrics["trimmed_loops"] = sum("raw_prediction" in r for r in rows)
     metrics["eval_skipped"] = len(skipped)

@@ -68,6 +68,11 @@ class MultimodalLM(L.LightningModule):
         self.ctc_vocab: Tensor | None = None  # set_ctc_vocab(): CTC over the corpus's tokens only
         self.ctc_segmenter: UnitSegmenter | None = None
         self.ctc_heads = nn.ModuleDict()  # set_ctc_vocab(classifier="linear"): a trained classifier per modality
+        self.ctc_phonemes: list[str] | None = None  # set_ctc_phonemes(): CTC over espeak-ng phonemes instead
+        self.phonemizer: Any = None
+        self.ctc_language: str | None = None
+        self._phoneme_index: dict[str, int] = {}
+        self.word_decoder: Any = None  # tasks.lexicon.LexiconDecoder: words from phonemes at evaluation
         self.strict_loading = False  # checkpoints hold only what trains
         self.skipped: list[tuple[str, str]] = []
         self._ctc_counts = [0, 0]  # validation: word edits, reference words of the greedy CTC readout
@@ -110,6 +115,47 @@ class MultimodalLM(L.LightningModule):
                 head = linear_head(w.shape[1], len(vocab)).to(device=w.device)
                 head.requires_grad_(self.stage.adaptor)
                 self.ctc_heads[name] = head
+
+    def set_ctc_phonemes(self, classes: list[str], language: str = "en-us") -> None:
+        """CTC over phoneme ``classes`` (tasks.phonemes; blank first) with a trained linear head per modality;
+        targets are the canonical espeak-ng phonemes of each transcript (stage.ctc_vocab=phonemes).
+
+        Why: the token-level classes learn words, not sounds; a phoneme recognizer plus a lexicon
+        (tasks.lexicon, at evaluation) can write words no training clip said.
+        """
+        from tasks.phonemes import BLANK, WORD, Phonemizer
+
+        if not classes or classes[0] != BLANK or WORD not in classes:
+            raise ValueError(f"phoneme classes must start with {BLANK!r} and hold {WORD!r}")
+        if any(getattr(m, "ctc_compress", False) for m in self.modalities.values()):
+            raise ValueError("a phoneme CTC chain feeds no LLM: set modality.ctc_compress=false")
+        self.ctc_vocab, self.ctc_segmenter = None, None
+        self.ctc_phonemes, self.ctc_language = list(classes), language
+        self.phonemizer = Phonemizer(language)
+        self._phoneme_index = {p: i for i, p in enumerate(classes)}
+        w = self.llm.get_input_embeddings().weight
+        self.ctc_heads = nn.ModuleDict()
+        for name in self.modalities:
+            head = linear_head(w.shape[1], len(classes)).to(device=w.device)
+            head.requires_grad_(self.stage.adaptor)
+            self.ctc_heads[name] = head
+
+    def phoneme_targets(self, batch: dict) -> list[list[int] | None]:
+        """Class indices of each transcript sample's phonemes (None: not a transcript, or a phoneme outside the
+        classes, which leaves the sample out of the loss as an unspellable token target does)."""
+        out: list[list[int] | None] = []
+        for ids, ref in zip(batch["ctc_targets"], batch["references"]):
+            if not ids or not ref:
+                out.append(None)
+                continue
+            try:
+                seq = self.phonemizer([ref])[0]
+            except ValueError:
+                out.append(None)
+                continue
+            idx = [self._phoneme_index.get(p) for p in seq]
+            out.append(None if None in idx else idx)
+        return out
 
     @property
     def ctc_classifier(self) -> str:
@@ -179,10 +225,11 @@ class MultimodalLM(L.LightningModule):
             if self.ctc_segmenter is not None:
                 targets = [self.ctc_segmenter(t) for t in targets]
             vocab = None if self.ctc_vocab is None else self.ctc_vocab.to(self.device)
-            targets = to_classes(targets, vocab)
+            targets = self.phoneme_targets(batch) if self.ctc_phonemes else to_classes(targets, vocab)
             for name, (out, lengths) in outs.items():
+                blank = 0 if self.ctc_phonemes else class_index(vocab, self.placeholder_ids[name])
                 ctc = ctc_loss(self.ctc_logits(name, out), lengths, batch["modal"][name]["sample_index"].to(out.device),
-                               targets, class_index(vocab, self.placeholder_ids[name]))
+                               targets, blank)
                 if ctc is not None:
                     result[f"ctc_{name}"] = ctc
                     result["loss"] = result["loss"] + self.ctc_weight * ctc
@@ -238,11 +285,31 @@ class MultimodalLM(L.LightningModule):
                 texts[i] = self.tokenizer.decode(hyps[k]).strip()
         return [t if n == 1 else None for t, n in zip(texts, clips)]
 
+    @torch.no_grad()
+    def phoneme_readout(self, batch: dict, outs: dict[str, tuple[Tensor, Tensor]] | None = None) -> list[list[str] | None]:
+        """Greedy phoneme readout per one-clip sample (phoneme chains): blanks dropped, repeats merged."""
+        seqs: list[list[str] | None] = [None] * batch["input_ids"].shape[0]
+        clips = [0] * len(seqs)
+        for name, (out, lengths) in (outs if outs is not None else self.adapt_all(batch)).items():
+            ids = self.ctc_logits(name, out).argmax(-1).tolist()
+            for k, i in enumerate(batch["modal"][name]["sample_index"].tolist()):
+                clips[i] += 1
+                run = [t for j, t in enumerate(ids[k][: int(lengths[k])]) if t and (j == 0 or t != ids[k][j - 1])]
+                seqs[i] = [self.ctc_phonemes[t] for t in run]
+        return [s if n == 1 else None for s, n in zip(seqs, clips)]
+
     def _count_ctc_errors(self, batch: dict) -> None:
         """Greedy CTC readout of single-clip transcript samples vs their references (val/ctc_wer): what the
-        adaptor alone 'says', without the LLM. The measure of a CTC-only run (stage.lm_weight=0)."""
+        adaptor alone 'says', without the LLM. The measure of a CTC-only run (stage.lm_weight=0). A phoneme
+        chain counts phoneme edits instead (val/ctc_per)."""
         from tasks.evaluate import edit_distance, normalize
 
+        if self.ctc_phonemes:
+            for hyp, tgt in zip(self.phoneme_readout(batch), self.phoneme_targets(batch)):
+                if hyp is not None and tgt:
+                    self._ctc_counts[0] += edit_distance([self.ctc_phonemes[t] for t in tgt], hyp)
+                    self._ctc_counts[1] += len(tgt)
+            return
         for i, hyp in enumerate(self.ctc_readout(batch)):
             if hyp is not None and batch["ctc_targets"][i]:
                 ref = normalize(batch["references"][i] or "")
@@ -252,7 +319,7 @@ class MultimodalLM(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         errors, words = self._ctc_counts
         if words:
-            self.log("val/ctc_wer", errors / words, sync_dist=True)
+            self.log("val/ctc_per" if self.ctc_phonemes else "val/ctc_wer", errors / words, sync_dist=True)
         self._ctc_counts = [0, 0]
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:

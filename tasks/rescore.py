@@ -206,6 +206,10 @@ def joint_decode(model: Any, batch: dict, max_new_tokens: int, spec: DecodeSpec,
     ``model``: a MultimodalLM (its llm, tokenizer, embed, adapt_all, ctc_logits, ctc_vocab, ctc_segmenter).
     The adaptor runs once per batch: the LLM's prompt, the readout, the spellings and the CTC scores share it.
     """
+    if getattr(model, "word_decoder", None) is not None:  # a phoneme chain: words from its lexicon decoder
+        from tasks.lexicon import lexicon_decode
+
+        return lexicon_decode(model, batch, max_new_tokens, transcript_types)
     if spec.joint and model.ctc_vocab is None:
         raise ValueError("eval.ctc_weight > 0 needs a chain trained with CTC classes (stage.ctc_vocab=corpus, "
                          "e.g. experiment=speech_align_ctc); this model has none: set eval.ctc_weight=0")

@@ -12,12 +12,14 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from tqdm.auto import tqdm
 
 from llm.lora import LoraSpec
 from llm.tokens import add_placeholder_tokens
 from tasks.callbacks import PeriodicEval, RunStats, StopFile
 from tasks.checkpoint import META_KEY, TrainableOnlyCheckpoint, load_chain, read_checkpoint, resolve_checkpoint
 from tasks.evaluate import run_generation
+from tasks.lexicon import word_decoder
 from tasks.rescore import DecodeSpec
 from tasks.multimodal import MultimodalLM, OptimSpec
 from tasks.stages import StagePolicy
@@ -169,8 +171,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                          policy, lora=lora, optim=optim, aux_weight=cfg.stage.get("aux_weight", 0.0), llm_name=lm.name,
                          ctc_weight=cfg.stage.get("ctc_weight", 0.0), lm_weight=cfg.stage.get("lm_weight", 1.0))
     # the CTC classes the chain's adaptor was trained against (and its classifier, which the chain holds)
-    inherited = next((m for m in metas if m.get("ctc_vocab")), None)
-    if inherited is not None:
+    inherited = next((m for m in metas if m.get("ctc_vocab") or m.get("ctc_phonemes")), None)
+    if inherited is not None and inherited.get("ctc_phonemes"):
+        model.set_ctc_phonemes(inherited["ctc_phonemes"], inherited.get("ctc_language") or "en-us")
+    elif inherited is not None:
         model.set_ctc_vocab(torch.tensor(inherited["ctc_vocab"], dtype=torch.long), inherited.get("ctc_classifier", "cosine"))
     chain: list[Path] = []
     if cfg.get("init_from"):
@@ -182,14 +186,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if inherited is None and model.ctc_weight > 0 and cfg.stage.get("ctc_vocab", "full") == "corpus":
         model.set_ctc_vocab(_corpus_ctc_vocab(dm, lm.tokenizer, list(model.placeholder_ids.values()),
                                               cfg.stage.get("ctc_min_count", 1)), cfg.stage.get("ctc_classifier", "cosine"))
+    if inherited is None and model.ctc_weight > 0 and cfg.stage.get("ctc_vocab", "full") == "phonemes":
+        language = cfg.stage.get("ctc_language", "en-us")
+        model.set_ctc_phonemes(_phoneme_classes(dm, language), language)
     metrics: dict[str, Any] = {"stage": policy.name, "modality": modality.name, "llm": lm.name,
                                "init_from": [str(p) for p in chain], "system_prompt": cfg.data.get("system_prompt")}
     if model.ctc_vocab is not None:
         metrics["ctc_vocab"] = len(model.ctc_vocab)
+    if model.ctc_phonemes:
+        metrics["ctc_phonemes"] = len(model.ctc_phonemes)
     ev = cfg.get("eval", {})
     decode = DecodeSpec(int(ev.get("num_beams", 1)), float(ev.get("ctc_weight", 0.0)), float(ev.get("length_bonus", 0.0)),
                         int(ev.get("ctc_beams", 0)), int(ev.get("score_batch", 0)))
     eval_loader = dm.eval_dataloader()
+    if model.ctc_phonemes and eval_loader is not None:  # words from phonemes: lexicon + word LM (tasks.lexicon)
+        model.word_decoder = word_decoder(model.ctc_phonemes, model.phonemizer, ev.get("lexicon", {}),
+                                          next((m["train_files"] for m in metas if m.get("train_files")), None)
+                                          or _train_files(cfg))
     if policy.name == "evaluate":
         if eval_loader is None:
             raise UsageError("stage=evaluate needs data.eval_manifest=<records file>")
@@ -213,6 +226,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "system_prompt": cfg.data.get("system_prompt"),
             "ctc_vocab": model.ctc_vocab.tolist() if model.ctc_vocab is not None else None,
             "ctc_classifier": model.ctc_classifier,
+            "ctc_phonemes": model.ctc_phonemes, "ctc_language": model.ctc_language,
+            "train_files": _train_files(cfg),
             "modality_cfg": {k: v for k, v in OmegaConf.to_container(cfg.modality, resolve=True).items()
                              if k not in RUNTIME_MODALITY_KEYS}}
     stop = StopFile(out / "STOP")
@@ -264,6 +279,32 @@ def _corpus_ctc_vocab(dm: Any, tokenizer: Any, blank_ids: list[int], min_count: 
     log.info("CTC over the corpus vocabulary: %d of %d tokens (seen >= %d times, + single characters)",
              len(vocab), len(tokenizer), min_count)
     return vocab
+
+
+def _phoneme_classes(dm: Any, language: str) -> list[str]:
+    """stage.ctc_vocab=phonemes: every phoneme espeak-ng says in the TRAIN transcripts (blank first)."""
+    from tasks.phonemes import Phonemizer, phoneme_inventory
+
+    texts = sorted({r["reference"] for r in dm.records("train") if r.get("type") == "asr" and r.get("reference")})
+    ph = Phonemizer(language)
+    seqs = [s for t in tqdm(texts, desc="phonemes", unit="text", leave=False) for s in _safe_phonemes(ph, t)]
+    classes = phoneme_inventory(seqs)
+    log.info("CTC over %d espeak-ng phonemes (%s) of %d train transcripts", len(classes) - 1, language, len(texts))
+    return classes
+
+
+def _safe_phonemes(ph: Any, text: str) -> list[list[str]]:
+    try:
+        return ph([text])
+    except ValueError:
+        return []
+
+
+def _train_files(cfg: DictConfig) -> list[str]:
+    files = cfg.data.get("train_files")
+    if files is None:
+        return []
+    return [str(Path(f).resolve()) for f in ([files] if isinstance(files, str) else list(files))]
 
 
 def _write_metrics(out: Path, metrics: dict[str, Any]) -> dict[str, Any]:
