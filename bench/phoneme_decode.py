@@ -20,8 +20,14 @@ import torch
 from safetensors.torch import load_file
 
 from bench.phoneme_probe import collate, read
-from tasks.evaluate import edit_distance, normalize
-from tasks.lexicon import LexiconDecoder, NgramLM, build_lexicon
+from tasks.evaluate import edit_distance, normalize, wer
+from tasks.lexicon import (
+    LexiconDecoder,
+    NgramLM,
+    build_lexicon,
+    read_texts,
+    text_logprobs,
+)
 from tasks.phonemes import Phonemizer
 
 LM_TEXT = ("data_cache/speech_long/train.jsonl,data_cache/speech_wordnet/train.jsonl,"
@@ -55,35 +61,13 @@ def emissions(sp, head, rows: list[dict]) -> list[tuple[torch.Tensor, int]]:
     return out
 
 
-def corpus_wer(refs: list[str], hyps: list[str]) -> float:
-    e = n = 0
-    for r, h in zip(refs, hyps):
-        e += edit_distance(normalize(r), normalize(h))
-        n += len(normalize(r))
-    return e / max(1, n)
-
-
-@torch.no_grad()
-def llm_logp(texts: list[str], batch: int = 32) -> dict[str, float]:
-    """Text-only log-probability of each sentence under SmolLM2 (its BOS-less sum over tokens)."""
+def llm_logp(texts: list[str]) -> dict[str, float]:
+    """Text-only log-probability of each distinct sentence under SmolLM2 (tasks.lexicon.text_logprobs)."""
     from llm.loader import load_llm
 
     lm = load_llm(name="smollm2-135m-instruct")
-    tok, model = lm.tokenizer, lm.model.eval()
     uniq = sorted(set(texts))
-    out: dict[str, float] = {}
-    eos = tok.eos_token_id
-    for i in range(0, len(uniq), batch):
-        chunk = uniq[i:i + batch]
-        ids = [[eos] + tok.encode(t[:1].upper() + t[1:] + ".", add_special_tokens=False) for t in chunk]
-        n = max(len(x) for x in ids)
-        x = torch.tensor([s + [eos] * (n - len(s)) for s in ids])
-        mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in ids])
-        logits = model(input_ids=x, attention_mask=mask).logits.float().log_softmax(-1)
-        tok_lp = logits[:, :-1].gather(-1, x[:, 1:, None])[..., 0] * mask[:, 1:]
-        for t, s in zip(chunk, tok_lp.sum(1).tolist()):
-            out[t] = s
-    return out
+    return dict(zip(uniq, text_logprobs(lm.model.eval(), lm.tokenizer, uniq)))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -106,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     classes = meta["classes"]
     ph = Phonemizer(meta["language"])
     t0 = time.perf_counter()
-    texts = sorted({r["text"] for m in args.lm_text.split(",") if Path(m).is_file() for r in read(m)})
+    texts = read_texts(args.lm_text.split(","))
     sents = [normalize(t) for t in texts]
     words = {w for s in sents for w in s}
     if args.wordlist and Path(args.wordlist).is_file():
@@ -136,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows, em, refs = splits["tune"]
             t1 = time.perf_counter()
             nb = _decode(dec, em)
-            w = corpus_wer(refs, [c[0][0] if c else "" for c in nb])
+            w = wer(refs, [c[0][0] if c else "" for c in nb])
             grid.append({"lm_weight": lw, "word_score": ws, "tune_wer": round(w, 4),
                          "seconds": round(time.perf_counter() - t1, 1)})
             print(json.dumps(grid[-1]), flush=True)
@@ -149,9 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
     for a in [float(x) for x in args.llm_weights.split(",")]:
         pick = {name: [max(c, key=lambda h: h[1] + a * scores[h[0]])[0] if c else "" for c in nb]
                 for name, nb in nbests.items()}
-        llm_grid.append({"llm_weight": a, **{f"{n}_wer": round(corpus_wer(splits[n][2], p), 4) for n, p in pick.items()}})
+        llm_grid.append({"llm_weight": a, **{f"{n}_wer": round(wer(splits[n][2], p), 4) for n, p in pick.items()}})
         print(json.dumps(llm_grid[-1]), flush=True)
-    oracle = {n: round(corpus_wer(splits[n][2], [min(c, key=lambda h: edit_distance(normalize(r), normalize(h[0])))[0]
+    oracle = {n: round(wer(splits[n][2], [min(c, key=lambda h: edit_distance(normalize(r), normalize(h[0])))[0]
                                                  if c else "" for c, r in zip(nb, splits[n][2])]), 4)
               for n, nb in nbests.items()}
     chosen = min(llm_grid, key=lambda g: g["tune_wer"])

@@ -108,7 +108,11 @@ class LexiconDecoder:
     def __init__(self, classes: Sequence[str], lexicon: dict[str, list[tuple[str, ...]]], lm: NgramLM | None,
                  nbest: int = 10, beam_size: int = 100, lm_weight: float = 1.0, word_score: float = 0.0,
                  beam_threshold: float = 25.0):
-        from torchaudio.models.decoder import CTCDecoderLM, CTCDecoderLMState, ctc_decoder
+        from torchaudio.models.decoder import (
+            CTCDecoderLM,
+            CTCDecoderLMState,
+            ctc_decoder,
+        )
 
         if classes[0] != BLANK or WORD not in classes:
             raise ValueError(f"classes must start with {BLANK!r} and hold {WORD!r}")
@@ -116,8 +120,7 @@ class LexiconDecoder:
         tmp = Path(tempfile.mkdtemp(prefix="mmlm_lexicon_"))
         with open(tmp / "lexicon.txt", "w") as f:
             for w in self.words[:-1]:
-                for pron in lexicon[w]:
-                    f.write(f"{w} {' '.join(pron)}\n")
+                f.writelines(f"{w} {' '.join(pron)}\n" for pron in lexicon[w])
         (tmp / "words.txt").write_text("\n".join(self.words) + "\n")
         words = self.words
 

@@ -36,6 +36,18 @@ def test_phonemes_mark_words_and_differ_where_the_sound_does(ph):
     assert ph.words(["Hello, world."]) == ph.words(["Hello, world."])  # cached, same result
 
 
+def test_units_espeak_merges_or_splits_are_aligned_back_to_the_text_words(ph):
+    words = ph.by_word("The cat sat on the mat.")
+    assert len(ph.words(["on the mat"])[0]) == 2  # espeak says 'on the' as one unit...
+    assert [sum(len(u) for u in w) for w in words] == [2, 3, 3, 2, 2, 3]  # ...split back: on | the
+    assert words[3] == [["ɔ", "n"]] and words[4] == [["ð", "ə"]]
+    mixed = ph.by_word("It is 25 dollars, a well-known fact.")  # '25' is two units, 'well-known' two words
+    assert len(mixed) == 8 and len(mixed[2]) == 2
+    assert mixed[5] == [["w", "ɛ", "l"]] and mixed[6] == [["n", "oʊ", "n"]]
+    flat = ph(["on the mat"])[0]
+    assert flat.count(WORD) == 3 and flat[:3] == ["ɔ", "n", WORD]
+
+
 def test_a_text_espeak_cannot_say_raises_naming_it(ph):
     with pytest.raises(ValueError, match="'...'"):
         ph(["..."])
@@ -105,8 +117,8 @@ def _asr(i: int, ref: str, n: int = 60) -> dict:
 
 
 def test_phoneme_chain_trains_on_espeak_targets_and_decodes_words(tiny_lm, toy_modality, ph):
-    from tasks.lexicon import lexicon_decode
     from tasks.evaluate import WER_TYPES
+    from tasks.lexicon import lexicon_decode
     from tests.unit.helpers import batch_for, build
 
     texts = ["the cat sat", "the dog ran", "a cat ran"]
