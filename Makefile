@@ -8,7 +8,7 @@ DEMO_INSTRUCT_BATCH ?= 4
 APT_PACKAGES = espeak-ng sox libsndfile1 fortunes fortunes-min wordnet-base wamerican
 export PYTHONUNBUFFERED=1
 
-.PHONY: install apt pip data data-long data-wordnet data-wordnet-defs align-long demo test test-fast bench clean
+.PHONY: install apt pip data data-long data-wordnet data-wordnet-defs align-long align-phonemes demo test test-fast bench clean
 
 install: apt pip
 
@@ -44,6 +44,13 @@ align-long: data-long data-wordnet
 	$(PY) train.py experiment=speech_align_long init_from=outputs/align_ctc paths.output_dir=outputs/align_long
 	$(PY) train.py stage=evaluate modality=speech init_from=outputs/align_long data.eval_manifest=data_cache/speech_long/eval.jsonl \
 	  data.max_eval_samples=100 eval.num_beams=4 eval.ctc_beams=8 eval.ctc_weight=0.5 paths.output_dir=outputs/align_long_eval
+
+# alignment by phonemes: CTC over espeak-ng's phonemes (phase 1 only), words from a lexicon + word trigram at
+# evaluation (tasks.lexicon); held-out WER on the same 100 clips. bench/RESULTS.md
+align-phonemes: data-long data-wordnet
+	$(PY) train.py experiment=speech_align_phonemes data.eval_files=null paths.output_dir=outputs/align_phonemes
+	$(PY) train.py stage=evaluate modality=speech init_from=outputs/align_phonemes data.eval_manifest=data_cache/speech_long/eval.jsonl \
+	  data.max_eval_samples=100 paths.output_dir=outputs/align_phonemes_eval
 
 demo: data
 	$(PY) train.py stage=align modality=speech trainer.max_steps=$(DEMO_ALIGN_STEPS) data.max_eval_samples=32 \

@@ -42,3 +42,21 @@ def test_missing_fields_name_the_record(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ValueError, match="nope.jsonl: records file not found"):
         read_records(tmp_path / "nope.jsonl")
+
+
+def test_dev_split_keeps_the_voices_and_none_of_the_reported_sentences(tmp_path):
+    import json
+
+    import pytest
+
+    from data.dev_split import dev_split, main
+
+    rows = [{"text": f"s{i % 7}", "voice": "v"} for i in range(30)]  # sentences repeat every 7 clips
+    dev = dev_split(rows, skip=3, n=4)
+    assert [r["text"] for r in dev] == ["s3", "s4", "s5", "s6"]  # s0-s2 are reported; one clip per sentence
+    with pytest.raises(ValueError, match="only 4 clips"):
+        dev_split(rows, skip=3, n=5)
+    src, out = tmp_path / "eval.jsonl", tmp_path / "dev.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main([str(src), "--skip", "3", "--n", "2", "--out", str(out)])
+    assert [json.loads(x)["text"] for x in out.read_text().splitlines()] == ["s3", "s4"]
