@@ -40,6 +40,9 @@ class NgramLM:
             for u, v, w in zip(seq, seq[1:], seq[2:]):
                 self.tri[(u, v)][w] += 1
                 self.bi[v][w] += 1
+        self.counts: Counter = Counter()  # raw word counts (the continuation unigrams below are not frequencies)
+        for c in self.bi.values():
+            self.counts.update(c)
         cont = Counter(w for ws in self.bi.values() for w in ws)
         vocab = set(vocab) | set(cont) | {EOS}
         total = sum(cont.values()) + floor * len(vocab)
@@ -101,6 +104,24 @@ def build_lexicon(words: Iterable[str], phonemizer: Phonemizer, classes: Sequenc
     return lex
 
 
+MAX_HOMOPHONES = 6  # flashlight's trie keeps at most this many words per pronunciation
+
+
+def _top_homophones(lexicon: dict[str, list[tuple[str, ...]]], lm: NgramLM | None) -> dict[str, list[tuple[str, ...]]]:
+    """At most MAX_HOMOPHONES words per pronunciation, the LM's most frequent first. Why: beyond that flashlight
+    drops words in its own (hash) order, so a common word could lose its place to rare homophones."""
+    by_pron: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    for w, prons in lexicon.items():
+        for p in prons:
+            by_pron[p].append(w)
+    freq = (lambda w: lm.counts.get(w, 0)) if lm is not None else (lambda w: 0)
+    kept: dict[str, list[tuple[str, ...]]] = {}
+    for p, ws in by_pron.items():
+        for w in sorted(ws, key=lambda w: (-freq(w), w))[:MAX_HOMOPHONES]:
+            kept.setdefault(w, []).append(p)
+    return kept
+
+
 class LexiconDecoder:
     """CTC log-probs over phoneme ``classes`` -> n-best word sequences, constrained to ``lexicon``, scored
     acoustics + ``lm_weight`` x LM + ``word_score`` per word. ``classes[0]`` must be the blank."""
@@ -116,6 +137,7 @@ class LexiconDecoder:
 
         if classes[0] != BLANK or WORD not in classes:
             raise ValueError(f"classes must start with {BLANK!r} and hold {WORD!r}")
+        lexicon = _top_homophones(lexicon, lm)
         self.words = sorted(lexicon) + [UNK]
         tmp = Path(tempfile.mkdtemp(prefix="mmlm_lexicon_"))
         with open(tmp / "lexicon.txt", "w") as f:

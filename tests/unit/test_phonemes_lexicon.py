@@ -158,3 +158,15 @@ def test_phoneme_classes_must_be_well_formed(tiny_lm, toy_modality):
     model = build(tiny_lm, toy_modality, "align")
     with pytest.raises(ValueError, match="must start with"):
         model.set_ctc_phonemes(["a", BLANK, WORD])
+
+
+def test_the_most_frequent_of_many_homophones_keeps_its_place(ph):
+    classes = phoneme_inventory(ph(["cat"]))
+    pron = tuple(ph(["cat"])[0])
+    names = [f"w{k}" for k in range(8)]  # eight words, one pronunciation: flashlight keeps six
+    lex = {w: [pron] for w in names}
+    lm = NgramLM([["w7"]] * 5 + [[w] for w in names[:6]], lex)
+    dec = LexiconDecoder(classes, lex, lm, nbest=8, lm_weight=1.0)
+    assert len(dec.words) == 6 + 1 and "w7" in dec.words and "w6" not in dec.words  # + <unk>; w6: never in the text
+    hyps, = dec(emissions(list(pron), classes), torch.tensor([3 * len(pron)]))
+    assert hyps[0][0] == "w7" and {h[0] for h in hyps} <= set(dec.words)
