@@ -26,8 +26,8 @@ class Phonemizer:
     """Texts -> phoneme lists with ``WORD`` after every word, from libespeak-ng (``espeak_TextToPhonemes``, IPA).
 
     Stress marks are dropped (they carry little for word identity and double the classes); results are
-    cached per text. espeak-ng may split a text into clauses: they are joined, as the ``phonemizer`` package
-    does, whose output this matches. Raises a one-line error naming the text when espeak-ng returns nothing.
+    cached per text. espeak-ng splits a text into clauses at punctuation: their phonemes are joined, as the
+    ``phonemizer`` package does (it also strips punctuation first; here the clauses stay as spoken). Raises a one-line error naming the text when espeak-ng returns nothing.
     """
 
     _STRESS = re.compile(r"[ˈˌ'-]+")
