@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from bench.phoneme_probe import collate, read
+from bench.phoneme_probe import greedy as greedy_ids
 from tasks.evaluate import edit_distance, normalize, wer
 from tasks.lexicon import (
     LexiconDecoder,
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         em = emissions(sp, head, rows)
         refs = [r["text"] for r in rows]
         ref_ph = ph(refs)
-        greedy = [[classes[k] for k in _collapse(e.argmax(-1).tolist())] for e, _ in em]
+        greedy = [[classes[k] for k in greedy_ids(e[None], torch.tensor([n]))[0]] for e, n in em]
         per = sum(edit_distance(g, r) for g, r in zip(greedy, ref_ph)) / sum(len(r) for r in ref_ph)
         oov = sum(w not in lex for r in refs for w in normalize(r)) / sum(len(normalize(r)) for r in refs)
         splits[name] = (rows, em, refs)
@@ -149,15 +150,6 @@ def main(argv: list[str] | None = None) -> dict:
     for e in examples[:5]:
         print(e["ref"], "->", e["hyp"])
     return result
-
-
-def _collapse(ids: list[int]) -> list[int]:
-    out, prev = [], None
-    for t in ids:
-        if t != prev and t != 0:
-            out.append(t)
-        prev = t
-    return out
 
 
 def _decode(dec: LexiconDecoder, em: list[tuple[torch.Tensor, int]]) -> list[list[tuple[str, float]]]:

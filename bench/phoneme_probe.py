@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
+from tasks.ctc import greedy_ctc_decode
 from tasks.evaluate import edit_distance
 from tasks.phonemes import Phonemizer, phoneme_inventory
 
@@ -71,16 +72,8 @@ def length_batches(rows: list[dict], batch: int, rng: random.Random, mega: int =
 
 
 def greedy(logits: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
-    ids = logits.argmax(-1)
-    seqs = []
-    for row, n in zip(ids.tolist(), lengths.tolist()):
-        prev, seq = None, []
-        for t in row[:n]:
-            if t != prev and t != 0:
-                seq.append(t)
-            prev = t
-        seqs.append(seq)
-    return seqs
+    """Class-index readouts (blank 0 dropped, repeats merged): tasks.ctc.greedy_ctc_decode over the head's logits."""
+    return greedy_ctc_decode(logits, lengths, None, 0, logits=logits)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -116,7 +116,7 @@ class MultimodalLM(L.LightningModule):
                 head.requires_grad_(self.stage.adaptor)
                 self.ctc_heads[name] = head
 
-    def set_ctc_phonemes(self, classes: list[str], language: str = "en-us") -> None:
+    def set_ctc_phonemes(self, classes: list[str], language: str = "en-us", phonemizer: Any = None) -> None:
         """CTC over phoneme ``classes`` (tasks.phonemes; blank first) with a trained linear head per modality;
         targets are the canonical espeak-ng phonemes of each transcript (stage.ctc_vocab=phonemes).
 
@@ -131,7 +131,7 @@ class MultimodalLM(L.LightningModule):
             raise ValueError("a phoneme CTC chain feeds no LLM: set modality.ctc_compress=false")
         self.ctc_vocab, self.ctc_segmenter = None, None
         self.ctc_phonemes, self.ctc_language = list(classes), language
-        self.phonemizer = Phonemizer(language)
+        self.phonemizer = phonemizer if phonemizer is not None else Phonemizer(language)
         self._phoneme_index = {p: i for i, p in enumerate(classes)}
         w = self.llm.get_input_embeddings().weight
         self.ctc_heads = nn.ModuleDict()
@@ -291,11 +291,11 @@ class MultimodalLM(L.LightningModule):
         seqs: list[list[str] | None] = [None] * batch["input_ids"].shape[0]
         clips = [0] * len(seqs)
         for name, (out, lengths) in (outs if outs is not None else self.adapt_all(batch)).items():
-            ids = self.ctc_logits(name, out).argmax(-1).tolist()
+            logits = self.ctc_logits(name, out)
+            runs = greedy_ctc_decode(out, lengths, None, 0, logits=logits)  # class indices, blank 0
             for k, i in enumerate(batch["modal"][name]["sample_index"].tolist()):
                 clips[i] += 1
-                run = [t for j, t in enumerate(ids[k][: int(lengths[k])]) if t and (j == 0 or t != ids[k][j - 1])]
-                seqs[i] = [self.ctc_phonemes[t] for t in run]
+                seqs[i] = [self.ctc_phonemes[t] for t in runs[k]]
         return [s if n == 1 else None for s, n in zip(seqs, clips)]
 
     def _count_ctc_errors(self, batch: dict) -> None:

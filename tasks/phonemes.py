@@ -49,6 +49,7 @@ class Phonemizer:
         self._to_phonemes.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.c_int, ctypes.c_int]
         self.language = language
         self.cache: dict[str, list[str]] = {}
+        self._flat: dict[str, list[str]] = {}  # __call__'s result per text: the targets of every training step
 
     def _phonemize(self, text: str) -> list[str]:
         """One text -> its spoken words, each as '_'-joined IPA phonemes."""
@@ -116,7 +117,10 @@ class Phonemizer:
 
     def __call__(self, texts: Sequence[str]) -> list[list[str]]:
         """Texts -> flat phoneme lists as spoken, ``WORD`` after each unit (so between every two text words)."""
-        return [[p for w in self.by_word(t) for u in w for p in (*u, WORD)] for t in texts]
+        for t in texts:
+            if t not in self._flat:
+                self._flat[t] = [p for w in self.by_word(t) for u in w for p in (*u, WORD)]
+        return [self._flat[t] for t in texts]
 
 
 def _split(unit: list[str], parts: list[list[str]]) -> list[list[str]]:

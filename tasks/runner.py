@@ -187,8 +187,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         model.set_ctc_vocab(_corpus_ctc_vocab(dm, lm.tokenizer, list(model.placeholder_ids.values()),
                                               cfg.stage.get("ctc_min_count", 1)), cfg.stage.get("ctc_classifier", "cosine"))
     if inherited is None and model.ctc_weight > 0 and cfg.stage.get("ctc_vocab", "full") == "phonemes":
+        from tasks.phonemes import Phonemizer
+
         language = cfg.stage.get("ctc_language", "en-us")
-        model.set_ctc_phonemes(_phoneme_classes(dm, language), language)
+        ph = Phonemizer(language)  # its cache then holds every train transcript's targets
+        model.set_ctc_phonemes(_phoneme_classes(dm, ph), language, phonemizer=ph)
     metrics: dict[str, Any] = {"stage": policy.name, "modality": modality.name, "llm": lm.name,
                                "init_from": [str(p) for p in chain], "system_prompt": cfg.data.get("system_prompt")}
     if model.ctc_vocab is not None:
@@ -281,15 +284,14 @@ def _corpus_ctc_vocab(dm: Any, tokenizer: Any, blank_ids: list[int], min_count: 
     return vocab
 
 
-def _phoneme_classes(dm: Any, language: str) -> list[str]:
+def _phoneme_classes(dm: Any, ph: Any) -> list[str]:
     """stage.ctc_vocab=phonemes: every phoneme espeak-ng says in the TRAIN transcripts (blank first)."""
-    from tasks.phonemes import Phonemizer, phoneme_inventory
+    from tasks.phonemes import phoneme_inventory
 
     texts = sorted({r["reference"] for r in dm.records("train") if r.get("type") == "asr" and r.get("reference")})
-    ph = Phonemizer(language)
     seqs = [s for t in tqdm(texts, desc="phonemes", unit="text", leave=False) for s in _safe_phonemes(ph, t)]
     classes = phoneme_inventory(seqs)
-    log.info("CTC over %d espeak-ng phonemes (%s) of %d train transcripts", len(classes) - 1, language, len(texts))
+    log.info("CTC over %d espeak-ng phonemes (%s) of %d train transcripts", len(classes) - 1, ph.language, len(texts))
     return classes
 
 
