@@ -16,7 +16,8 @@ ranks resumes under DDP or on one device and vice versa.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -186,24 +187,61 @@ class FSDP2Strategy(ModelParallelStrategy):
         return ckpt
 
 
-def _no_generate(*args: Any, **kwargs: Any) -> None:
-    raise ValueError("generation needs all weights on one rank, but trainer=fsdp shards them: evaluate the saved "
-                     "checkpoint with `train.py stage=evaluate init_from=<run dir>` on one device")
+@contextmanager
+def gathered(module: nn.Module) -> Iterator[None]:
+    """Hold a FSDP2-sharded module's root weights (embeddings, final norm, adaptors) gathered while code
+    outside its ``forward`` reads them (generation, joint decoding, readouts); a no-op when unsharded.
+
+    Collective: every rank must enter it and then run the same forwards (each decoder layer still
+    all-gathers itself in its own forward), so sharded evaluation runs on all ranks over the same
+    batches and rank 0 writes the results. Why not refuse generation under FSDP: the README's own
+    ``trainer=fsdp`` command ends with an evaluation, and the learning curve evaluates mid-run.
+    """
+    depth = getattr(module, "_gathered_depth", 0)
+    if depth or not is_sharded(module):  # re-entrant: only the outermost gathers and reshards
+        yield
+        return
+    module.unshard()
+    module._gathered_depth = 1
+    try:
+        yield
+    finally:
+        module._gathered_depth = 0
+        module.reshard()
+
+
+def _fsdp2_strategy(module: nn.Module) -> Any:
+    """The FSDP2Strategy training ``module``, or None (any other strategy, or no trainer)."""
+    trainer = getattr(module, "_trainer", None)
+    strategy = getattr(trainer, "strategy", None) if trainer is not None else None
+    return strategy if isinstance(strategy, FSDP2Strategy) else None
 
 
 def configure_sharding(module: nn.Module) -> None:
-    """MultimodalLM.configure_model's body: shard when the trainer's strategy is FSDP2, else nothing.
+    """MultimodalLM.configure_model's body: shard when the trainer's strategy is FSDP2, else nothing."""
+    if (strategy := _fsdp2_strategy(module)) is not None:
+        shard_multimodal(module, strategy.device_mesh["data_parallel"], **strategy.shard_kwargs)
 
-    A sharded module's ``generate`` raises one clear line instead of hanging in an all-gather that
-    only rank 0 entered (the runner generates on rank 0 alone).
-    """
-    trainer = getattr(module, "_trainer", None)
-    strategy = getattr(trainer, "strategy", None) if trainer is not None else None
-    if strategy is None or not hasattr(strategy, "shard_kwargs"):
+
+def configure_unit_sharding(module: nn.Module, unit: nn.Module) -> None:
+    """A module that trains alone (a modality's encoder pretraining): ``unit`` (the part that trains and whose
+    forward the module calls) becomes one FSDP2 unit when the strategy is FSDP2, else nothing."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if (strategy := _fsdp2_strategy(module)) is None or is_sharded(unit):
         return
-    shard_multimodal(module, strategy.device_mesh["data_parallel"], **strategy.shard_kwargs)
-    if hasattr(module, "generate"):
-        module.generate = _no_generate
+    kw = strategy.shard_kwargs
+    fully_shard(unit, mesh=strategy.device_mesh["data_parallel"], reshard_after_forward=kw["reshard_after_forward"],
+                mp_policy=MixedPrecisionPolicy(param_dtype=kw["param_dtype"], reduce_dtype=kw["reduce_dtype"]))
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight and buffer of ``module`` in full on CPU (rank 0 holds them when sharded: collective then)."""
+    if not is_sharded(module):
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 class _SyncExitLauncher(_MultiProcessingLauncher):
@@ -217,6 +255,28 @@ class _SyncExitLauncher(_MultiProcessingLauncher):
     def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
         super()._wrapping_function(*args, **kwargs)
         leave_process_group()
+
+    def get_extra_results(self, trainer: Any) -> dict[str, Any]:
+        """Also hand back the loop's progress (global_step) and every callback's state (the run's losses,
+        learning curve, ...): without them the parent reports a run of 0 steps."""
+        import io
+
+        extra = super().get_extra_results(trainer)
+        buffer = io.BytesIO()  # as bytes, like Lightning's callback metrics: tensors would travel as shared memory
+        torch.save({"fit_loop": trainer.fit_loop.state_dict(),
+                    "callbacks": {cb.state_key: cb.state_dict() for cb in trainer.callbacks}}, buffer)
+        extra["mmlm_state_bytes"] = buffer.getvalue()
+        return extra
+
+    def update_main_process_results(self, trainer: Any, extra: dict[str, Any]) -> None:
+        import io
+
+        super().update_main_process_results(trainer, extra)
+        state = torch.load(io.BytesIO(extra["mmlm_state_bytes"]), weights_only=True)
+        trainer.fit_loop.load_state_dict(state["fit_loop"])
+        for cb in trainer.callbacks:
+            if cb_state := state["callbacks"].get(cb.state_key):
+                cb.load_state_dict(cb_state)
 
 
 def leave_process_group() -> None:

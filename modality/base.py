@@ -87,6 +87,13 @@ class Modality(L.LightningModule, abc.ABC):
         """Optional auxiliary alignment loss (e.g. CTC); None when the plugin has none."""
         return None
 
+    def configure_model(self) -> None:
+        """Standalone pretraining under trainer=fsdp: the encoder is one FSDP2 unit (llm.sharding); inside a
+        MultimodalLM this hook never runs (the MultimodalLM shards itself)."""
+        from llm.sharding import configure_unit_sharding
+
+        configure_unit_sharding(self, self.encoder)
+
     # ------------------------------------------------------------------ freezing
     @property
     def encoder_frozen(self) -> bool:

@@ -17,7 +17,16 @@ class RunStats(L.Callback):
         self.losses: list[float] = []
         self.samples = 0
         self.t0 = 0.0
-        self.seconds = 0.0
+        self.seconds = 0.0  # training time of every fit this run's state has seen (a resumed run's included)
+        self._before = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpointed (a resumed run reports its whole history) and handed back by spawned ranks."""
+        return {"losses": list(self.losses), "samples": self.samples, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.losses, self.samples = list(state["losses"]), int(state["samples"])
+        self.seconds = self._before = float(state["seconds"])
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.t0 = time.perf_counter()
@@ -31,7 +40,7 @@ class RunStats(L.Callback):
             len(batch[0]) if isinstance(batch, (list, tuple)) else 0)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.seconds = time.perf_counter() - self.t0
+        self.seconds = self._before + time.perf_counter() - self.t0
 
     def summary(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
         params = list(module.named_parameters())
@@ -64,13 +73,19 @@ class PeriodicEval(L.Callback):
         self.curve: list[dict[str, Any]] = []
         self.t0 = 0.0
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"curve": list(self.curve)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.curve = list(state["curve"])
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if self.every <= 0 or step % self.every or not trainer.is_global_zero:
+        step, zero = trainer.global_step, trainer.is_global_zero  # every rank generates in step, rank 0 records
+        if self.every <= 0 or step % self.every:
             return
         if self.curve and self.curve[-1]["step"] == step:
             return  # several micro-batches share one optimizer step under accumulation
@@ -78,8 +93,11 @@ class PeriodicEval(L.Callback):
 
         t = time.perf_counter()
         metrics = run_generation(pl_module, self.loader, self.max_new_tokens, desc=f"evaluate@{step}",
-                                 decode=self.decode)
+                                 decode=self.decode, progress=zero)
         self.t0 += time.perf_counter() - t  # the curve's clock counts training time only
+        if not zero:
+            self.curve.append({"step": step})
+            return
         point = {"step": step, "train_seconds": round(time.perf_counter() - self.t0, 1), **metrics}
         self.curve.append(point)
         if self.path is not None:

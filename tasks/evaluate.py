@@ -98,13 +98,23 @@ def score(types: list[str], refs: list[str], preds: list[str]) -> dict[str, floa
 
 @torch.no_grad()
 def run_generation(model, loader, max_new_tokens: int, predictions_path: Path | None = None,
-                   desc: str = "evaluate", decode=None) -> dict[str, float]:
+                   desc: str = "evaluate", decode=None, progress: bool = True) -> dict[str, float]:
     """Generate for every batch of ``loader`` (collator in generate mode); score and save predictions.
 
     A model whose chain trained CTC classes also reports the adaptor's own greedy spelling (``ctc_wer``,
     ``ctc_readout`` per row): what the speech says before the LLM reads it. ``decode`` (a
     tasks.rescore.DecodeSpec): beam search and joint CTC/LLM rescoring of transcripts; each rescored row
-    then keeps its scored ``candidates``."""
+    then keeps its scored ``candidates``.
+
+    Under FSDP2 (llm.sharding.gathered) every rank runs it over the same loader, in step; give
+    ``predictions_path`` and ``progress`` on rank 0 only."""
+    from llm.sharding import gathered
+
+    with gathered(model):
+        return _run_generation(model, loader, max_new_tokens, predictions_path, desc, decode, progress)
+
+
+def _run_generation(model, loader, max_new_tokens, predictions_path, desc, decode, progress) -> dict[str, float]:
     from tasks.rescore import DecodeSpec, joint_decode
 
     was_training = model.training
@@ -112,7 +122,7 @@ def run_generation(model, loader, max_new_tokens: int, predictions_path: Path | 
     types, refs, preds, rows, skipped = [], [], [], [], []
     spelled: list[tuple[str, str]] = []  # (reference, CTC readout) of transcript samples, when the chain has one
     phonemes = getattr(model, "ctc_phonemes", None)  # a phoneme chain's readout is phonemes: counted as PER
-    for batch in tqdm(loader, desc=desc, leave=False):
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
         skipped += batch["skipped"]
         if batch["input_ids"].shape[0] == 0:
             continue

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from llm.sharding import full_state_dict, is_sharded
 from tasks.callbacks import RunStats
 from tasks.checkpoint import TrainableOnlyCheckpoint, load_chain
 from tasks.forecast_metrics import evaluate_by_series, format_report, plot_forecast
@@ -74,6 +75,11 @@ def run_forecast(cfg: DictConfig, out: Path, instantiate_accepting: Callable[...
     last = out / "checkpoints" / "last.ckpt"
     if last.exists():
         metrics["checkpoint_mb"] = round(last.stat().st_size / 2**20, 3)
+    if is_sharded(modality.encoder):  # trainer=fsdp: gather the weights (all ranks) into an unsharded copy
+        weights = full_state_dict(modality.encoder)
+        if trainer.is_global_zero:
+            modality = instantiate_accepting(cfg.modality, d_llm=None, target_rms=None)
+            modality.encoder.load_state_dict(weights)
     if not trainer.is_global_zero:
         return metrics
     test = dm.datasets["test"]

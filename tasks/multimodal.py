@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from data.collate import IGNORE
 from llm.lora import LoraSpec, apply_lora, backbone_and_head
+from llm.sharding import gathered
 from llm.tokens import stop_token_ids
 from tasks.ctc import (UnitSegmenter, class_index, cosine_logits, ctc_compress, ctc_loss, greedy_ctc_decode,
                       linear_head, to_classes)
@@ -113,7 +114,7 @@ class MultimodalLM(L.LightningModule):
             w = self.llm.get_input_embeddings().weight
             for name in self.modalities:
                 head = linear_head(w.shape[1], len(vocab)).to(device=w.device)
-                head.requires_grad_(self.stage.adaptor)
+                head.requires_grad_(self.stage.adaptor and self.ctc_weight > 0)  # no CTC loss: it would get no gradient
                 self.ctc_heads[name] = head
 
     def set_ctc_phonemes(self, classes: list[str], language: str = "en-us", phonemizer: Any = None) -> None:
@@ -137,7 +138,7 @@ class MultimodalLM(L.LightningModule):
         self.ctc_heads = nn.ModuleDict()
         for name in self.modalities:
             head = linear_head(w.shape[1], len(classes)).to(device=w.device)
-            head.requires_grad_(self.stage.adaptor)
+            head.requires_grad_(self.stage.adaptor and self.ctc_weight > 0)  # no CTC loss: it would get no gradient
             self.ctc_heads[name] = head
 
     def phoneme_targets(self, batch: dict) -> list[list[int] | None]:
@@ -331,12 +332,15 @@ class MultimodalLM(L.LightningModule):
     # ---------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(self, batch: dict, max_new_tokens: int = 64, **kwargs: Any) -> list[str]:
-        """Greedy decoding from a left-padded prompt batch (collator with generate=True)."""
-        embeds, _, attention_mask = self.embed(batch)
+        """Greedy decoding from a left-padded prompt batch (collator with generate=True).
+        Under FSDP2 every rank must call it with the same batch (llm.sharding.gathered)."""
         tok = self.tokenizer
-        out = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
-                                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                pad_token_id=tok.pad_token_id, eos_token_id=stop_token_ids(tok), use_cache=True, **kwargs)
+        with gathered(self):
+            embeds, _, attention_mask = self.embed(batch)
+            out = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
+                                    max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                    pad_token_id=tok.pad_token_id, eos_token_id=stop_token_ids(tok), use_cache=True,
+                                    **kwargs)
         return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
     # ---------------------------------------------------------------- optimisation

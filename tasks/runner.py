@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -214,8 +215,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics.update(run_text_baseline(cfg, model, dm, out))  # {} unless data.text_baseline is set
         return _write_metrics(out, metrics)
     if eval_loader is not None and ev.get("before", False):
-        before = run_generation(model, eval_loader, ev.get("max_new_tokens", 64), out / "predictions_before.jsonl",
-                                desc="evaluate (before)", decode=decode)
+        zero = rank_zero_only.rank == 0  # every launched rank runs this, before any weights are sharded
+        before = run_generation(model, eval_loader, ev.get("max_new_tokens", 64),
+                                out / "predictions_before.jsonl" if zero else None, desc="evaluate (before)",
+                                decode=decode, progress=zero)
         metrics.update({f"before/{k}": v for k, v in before.items()})
         log.info("before training: %s", before)
     stats = RunStats()
@@ -249,11 +252,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if last.exists():
         metrics["checkpoint_mb"] = round(last.stat().st_size / 2**20, 3)
         metrics["llm_mb"] = round(sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20, 1)
-    if eval_loader is not None and trainer.is_global_zero:
-        metrics.update(run_generation(model, eval_loader, ev.get("max_new_tokens", 64), out / "predictions.jsonl",
-                                           decode=decode))
-        metrics.update(run_text_baseline(cfg, model, dm, out))  # {} unless data.text_baseline is set
-    return _write_metrics(out, metrics)
+    zero = trainer.is_global_zero  # every rank evaluates, in step (weights may be sharded); rank 0 writes
+    if eval_loader is not None:
+        metrics.update(run_generation(model, eval_loader, ev.get("max_new_tokens", 64),
+                                      out / "predictions.jsonl" if zero else None, decode=decode, progress=zero))
+        metrics.update(run_text_baseline(cfg, model, dm, out, write=zero))  # {} unless data.text_baseline is set
+    return _write_metrics(out, metrics) if zero else metrics
 
 
 def _precompute_caches(dm: Any, modalities: dict[str, Any]) -> None:

@@ -72,8 +72,10 @@ def text_loader(records: list[dict], tokenizer: Any, batch_size: int, max_length
     return DataLoader(ConversationDataset(records, {}), batch_size=batch_size, shuffle=shuffle, collate_fn=collate)
 
 
-def run_text_baseline(cfg: DictConfig, model: Any, dm: Any, out: Path) -> dict[str, Any]:
-    """Text baselines next to ``model`` on ``dm``'s eval records; {} unless ``dm.text_baseline`` is set."""
+def run_text_baseline(cfg: DictConfig, model: Any, dm: Any, out: Path, write: bool = True) -> dict[str, Any]:
+    """Text baselines next to ``model`` on ``dm``'s eval records; {} unless ``dm.text_baseline`` is set.
+    In a multi-process run every rank runs it in step (sharded weights, the text LoRA's own fit); only the
+    ``write`` rank writes files."""
     settings = getattr(dm, "text_baseline", None)
     if not settings or "stock" not in model.modalities or not dm.files.get("eval"):
         return {}
@@ -81,7 +83,8 @@ def run_text_baseline(cfg: DictConfig, model: Any, dm: Any, out: Path) -> dict[s
     load = model.modalities["stock"].load
     render = {"n_closes": spec.n_closes, "signals": spec.signals}
     eval_recs = [as_text_record(r, load, **render) for r in dm.records("eval")]
-    write_records(eval_recs, out / "text_baseline" / "eval.jsonl")
+    if write:
+        write_records(eval_recs, out / "text_baseline" / "eval.jsonl")
     metrics: dict[str, Any] = {}
     types, refs = [r.get("type", "chat") for r in eval_recs], [r.get("reference") or "" for r in eval_recs]
     metrics.update({f"majority/{k}": v for k, v in majority(types, refs).items() if k != "eval_samples"})
@@ -89,17 +92,17 @@ def run_text_baseline(cfg: DictConfig, model: Any, dm: Any, out: Path) -> dict[s
     loader = text_loader(eval_recs, model.tokenizer, dm.eval_batch_size, spec.max_length, generate=True)
     if spec.zero_shot:
         with base_llm(model.llm):
-            m = run_generation(model, loader, max_new, out / "predictions_text_zero_shot.jsonl",
-                               desc="text baseline (zero-shot)")
+            m = run_generation(model, loader, max_new, out / "predictions_text_zero_shot.jsonl" if write else None,
+                               desc="text baseline (zero-shot)", progress=write)
         metrics.update({f"text_zero_shot/{k}": v for k, v in m.items()})
     if spec.train_lora and model.stage.name == "instruct" and dm.files.get("train"):
         train_recs = [as_text_record(r, load, **render) for r in dm.records("train")]
-        metrics.update(train_text_lora(cfg, train_recs, eval_recs, dm, spec, out))
+        metrics.update(train_text_lora(cfg, train_recs, eval_recs, dm, spec, out, write))
     return metrics
 
 
 def train_text_lora(cfg: DictConfig, train_recs: list[dict], eval_recs: list[dict], dm: Any,
-                    spec: TextBaselineSpec, out: Path) -> dict[str, Any]:
+                    spec: TextBaselineSpec, out: Path, write: bool = True) -> dict[str, Any]:
     """Fresh LoRA on a second copy of the base LLM, trained on text records with the run's budget."""
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import RichProgressBar
@@ -110,7 +113,8 @@ def train_text_lora(cfg: DictConfig, train_recs: list[dict], eval_recs: list[dic
     from tasks.multimodal import MultimodalLM, OptimSpec
     from tasks.stages import StagePolicy
 
-    write_records(train_recs, out / "text_baseline" / "train.jsonl")
+    if write:
+        write_records(train_recs, out / "text_baseline" / "train.jsonl")
     L.seed_everything(cfg.seed, workers=True)
     lm = instantiate(cfg.llm.model)
     add_placeholder_tokens(lm.tokenizer, lm.model, [])  # the same chat-template fallback as the run
@@ -128,7 +132,9 @@ def train_text_lora(cfg: DictConfig, train_recs: list[dict], eval_recs: list[dic
                                                        "seconds_per_step", "trainable_params")}
     loader = text_loader(eval_recs, lm.tokenizer, dm.eval_batch_size, spec.max_length, generate=True)
     m = run_generation(text_model, loader, int(cfg.get("eval", {}).get("max_new_tokens", 64)),
-                       out / "predictions_text_lora.jsonl", desc="text baseline (LoRA)")
+                       out / "predictions_text_lora.jsonl" if write else None, desc="text baseline (LoRA)",
+                       progress=write)
     metrics.update({f"text_lora/{k}": v for k, v in m.items()})
-    (out / "text_baseline" / "summary.json").write_text(json.dumps(metrics, indent=2))
+    if write:
+        (out / "text_baseline" / "summary.json").write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -113,20 +113,13 @@ def run_job(job: dict, tcfg, out: Path) -> None:
     seconds = time.perf_counter() - t0
     weights = trainable_state_dict(model)  # collective under FSDP2
     names = {id(p): n for n, p in model.named_parameters()}
-    try:
-        model.generate(None)
-        generate = "ran"
-    except ValueError as e:
-        generate = str(e)
-    except Exception as e:  # noqa: BLE001 - unsharded models fail on the None batch; that is fine here
-        generate = f"unsharded: {type(e).__name__}"
     unchanged = frozen_unchanged(model, job)  # collective under FSDP2
     if trainer.is_global_zero:
         torch.save({"weights": weights, "init": init, "losses": rec.losses, "seconds": seconds,
                     "world": trainer.world_size, "per_device_batch": scale.per_device_batch,
                     "sharded": [n for n, p in model.named_parameters() if type(p.data).__name__ == "DTensor"],
                     "optimizer_params": [names[id(p)] for o in trainer.optimizers[:1] for g in o.param_groups for p in g["params"]],
-                    "frozen_unchanged": unchanged, "generate": generate},
+                    "frozen_unchanged": unchanged},
                    out / f"{job['name']}.pt")
 
 
