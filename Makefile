@@ -24,19 +24,19 @@ pip:
 	$(PIP) install -q --no-deps -r requirements-assets.txt
 
 data: install
-	$(PY) -m data.build_speech --out data_cache/speech --n-align 1200 --n-instruct 400 --jobs 2
+	$(PY) -m modality.speech.corpus.build --out data_cache/speech --n-align 1200 --n-instruct 400 --jobs 2
 
 # the larger align corpus of the long alignment recipe (10,200 train clips, every train sentence)
 data-long: install
-	$(PY) -m data.build_speech --out data_cache/speech_long --n-align 12000 --align-only --jobs 2
+	$(PY) -m modality.speech.corpus.build --out data_cache/speech_long --n-align 12000 --align-only --jobs 2
 
 # extra training text for the long recipe: WordNet's example sentences (24,000 clips, training voices only)
 data-wordnet: install
-	$(PY) -m data.build_speech --out data_cache/speech_wordnet --wordnet-train 24000 --jobs 2
+	$(PY) -m modality.speech.corpus.build --out data_cache/speech_wordnet --wordnet-train 24000 --jobs 2
 
 # more: WordNet's gloss definitions ("A tangible and visible entity."; 24,000 clips of ~66k, training voices only)
 data-wordnet-defs: install
-	$(PY) -m data.build_speech --out data_cache/speech_wndefs --wordnet-train 24000 --wordnet-part definitions --jobs 2
+	$(PY) -m modality.speech.corpus.build --out data_cache/speech_wndefs --wordnet-train 24000 --wordnet-part definitions --jobs 2
 
 # the long alignment recipe: CTC-only spelling (phase 1, fortunes + WordNet), then LoRA reading it (phase 2), then
 # held-out WER. ~2.5 h on a 2-core CPU (data ~1 h, phase 1 ~63 min, phase 2 ~21 min); bench/RESULTS.md
@@ -47,7 +47,7 @@ align-long: data-long data-wordnet
 	  data.max_eval_samples=100 eval.num_beams=4 eval.ctc_beams=8 eval.ctc_weight=0.5 paths.output_dir=outputs/align_long_eval
 
 # alignment by phonemes: CTC over espeak-ng's phonemes (phase 1 only), words from a lexicon + word trigram at
-# evaluation (tasks.lexicon); held-out WER on the same 100 clips. bench/RESULTS.md
+# evaluation (modality.speech.asr.lexicon); held-out WER on the same 100 clips. bench/RESULTS.md
 # (~1.5 h on a 2-core CPU: data ~1 h, training 49 min; the definitions only feed the word trigram)
 align-phonemes: data-long data-wordnet data-wordnet-defs
 	$(PY) train.py experiment=speech_align_phonemes data.eval_files=null paths.output_dir=outputs/align_phonemes

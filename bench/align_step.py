@@ -41,7 +41,7 @@ def main() -> None:
     from data.records import read_records
     from llm.loader import load_llm
     from llm.tokens import add_placeholder_tokens
-    from modality.speech import SpeechModality
+    from modality.speech.plugin import SpeechModality
     from tasks.multimodal import MultimodalLM
     from tasks.stages import StagePolicy
 

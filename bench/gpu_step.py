@@ -99,7 +99,7 @@ def build_model(b: Bench, quant: str | None):
 
     from llm.lora import LoraSpec
     from llm.quant import quantize_linear_layers
-    from modality.speech import SpeechModality
+    from modality.speech.plugin import SpeechModality
     from tasks.multimodal import MultimodalLM, OptimSpec
     from tasks.stages import StagePolicy
 

@@ -1,4 +1,4 @@
-"""Joint decoding's LLM scoring: each prompt once + its KV cache copied to its candidates (tasks.rescore.lm_logprobs)
+"""Joint decoding's LLM scoring: each prompt once + its KV cache copied to its candidates (modality.speech.asr.decode.lm_logprobs)
 vs teacher-forcing every candidate with its whole prompt again, side by side in one run on the real SmolLM2.
 
     python -m bench.joint_decode [--batch 16] [--prompt 60] [--cands 12] [--cand-len 20] [--repeats 3]
@@ -17,7 +17,7 @@ import time
 import torch
 
 from llm.lora import backbone_and_head
-from tasks.rescore import lm_logprobs
+from modality.speech.asr.decode import lm_logprobs
 
 
 @torch.no_grad()

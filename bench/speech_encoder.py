@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from modality.audio import load_audio
+from modality.speech.audio import load_audio
 
 CLIPS = [
     ("en", "Well, that's how I feel all the time."),
@@ -43,8 +43,8 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import WhisperFeatureExtractor
 
-    from modality.speech import SpeechModality
-    from modality.whisper_ct2 import (
+    from modality.speech.plugin import SpeechModality
+    from modality.speech.whisper_ct2 import (
         cached_conversion,
         find_packaged_whisper,
         load_ct2_processor,

@@ -155,7 +155,7 @@ def modality_shapes(modality_cfg: Mapping[str, Any], d_llm: int) -> tuple[Encode
     if target.endswith("SpeechModality"):
         tiny = modality_cfg.get("tiny")
         if tiny:
-            from modality.speech import TINY_ENCODER
+            from modality.speech.plugin import TINY_ENCODER
 
             c = {**TINY_ENCODER, **(dict(tiny) if isinstance(tiny, Mapping) else {})}
             enc = EncoderShape("whisper(tiny random)", c["d_model"], c["encoder_layers"], c["encoder_ffn_dim"],

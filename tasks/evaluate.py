@@ -103,7 +103,7 @@ def run_generation(model, loader, max_new_tokens: int, predictions_path: Path | 
 
     A model whose chain trained CTC classes also reports the adaptor's own greedy spelling (``ctc_wer``,
     ``ctc_readout`` per row): what the speech says before the LLM reads it. ``decode`` (a
-    tasks.rescore.DecodeSpec): beam search and joint CTC/LLM rescoring of transcripts; each rescored row
+    modality.speech.asr.decode.DecodeSpec): beam search and joint CTC/LLM rescoring of transcripts; each rescored row
     then keeps its scored ``candidates``.
 
     Under FSDP2 (llm.sharding.gathered) every rank runs it over the same loader, in step; give
@@ -115,7 +115,7 @@ def run_generation(model, loader, max_new_tokens: int, predictions_path: Path | 
 
 
 def _run_generation(model, loader, max_new_tokens, predictions_path, desc, decode, progress) -> dict[str, float]:
-    from tasks.rescore import DecodeSpec, joint_decode
+    from modality.speech.asr.decode import DecodeSpec, joint_decode
 
     was_training = model.training
     model.eval()

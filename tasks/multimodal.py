@@ -15,7 +15,7 @@ from data.collate import IGNORE
 from llm.lora import LoraSpec, apply_lora, backbone_and_head
 from llm.sharding import gathered
 from llm.tokens import stop_token_ids
-from tasks.ctc import (UnitSegmenter, class_index, cosine_logits, ctc_compress, ctc_loss, greedy_ctc_decode,
+from modality.speech.asr.ctc import (UnitSegmenter, class_index, cosine_logits, ctc_compress, ctc_loss, greedy_ctc_decode,
                       linear_head, to_classes)
 from tasks.merge import merge_embeddings, valid_rows
 from tasks.stages import StagePolicy, apply_stage
@@ -73,7 +73,7 @@ class MultimodalLM(L.LightningModule):
         self.phonemizer: Any = None
         self.ctc_language: str | None = None
         self._phoneme_index: dict[str, int] = {}
-        self.word_decoder: Any = None  # tasks.lexicon.LexiconDecoder: words from phonemes at evaluation
+        self.word_decoder: Any = None  # modality.speech.asr.lexicon.LexiconDecoder: words from phonemes at evaluation
         self.strict_loading = False  # checkpoints hold only what trains
         self.skipped: list[tuple[str, str]] = []
         self._ctc_counts = [0, 0]  # validation: word edits, reference words of the greedy CTC readout
@@ -93,8 +93,8 @@ class MultimodalLM(L.LightningModule):
         return self
 
     def set_ctc_vocab(self, vocab: Tensor | None, classifier: str = "cosine") -> None:
-        """Restrict the CTC classes (tasks.ctc.corpus_vocab); None: the whole LLM vocabulary. Targets are then
-        re-spelled with those classes (tasks.ctc.UnitSegmenter).
+        """Restrict the CTC classes (modality.speech.asr.ctc.corpus_vocab); None: the whole LLM vocabulary. Targets are then
+        re-spelled with those classes (modality.speech.asr.ctc.UnitSegmenter).
 
         ``classifier``: "cosine" scores adaptor outputs against the frozen embedding rows; "linear" adds a
         trained Linear(d_llm -> classes) per modality, part of what the adaptor trains (and checkpoints).
@@ -118,13 +118,13 @@ class MultimodalLM(L.LightningModule):
                 self.ctc_heads[name] = head
 
     def set_ctc_phonemes(self, classes: list[str], language: str = "en-us", phonemizer: Any = None) -> None:
-        """CTC over phoneme ``classes`` (tasks.phonemes; blank first) with a trained linear head per modality;
+        """CTC over phoneme ``classes`` (modality.speech.asr.phonemes; blank first) with a trained linear head per modality;
         targets are the canonical espeak-ng phonemes of each transcript (stage.ctc_vocab=phonemes).
 
         Why: the token-level classes learn words, not sounds; a phoneme recognizer plus a lexicon
-        (tasks.lexicon, at evaluation) can write words no training clip said.
+        (modality.speech.asr.lexicon, at evaluation) can write words no training clip said.
         """
-        from tasks.phonemes import BLANK, WORD, Phonemizer
+        from modality.speech.asr.phonemes import BLANK, WORD, Phonemizer
 
         if not classes or classes[0] != BLANK or WORD not in classes:
             raise ValueError(f"phoneme classes must start with {BLANK!r} and hold {WORD!r}")
@@ -178,7 +178,7 @@ class MultimodalLM(L.LightningModule):
 
         Returns (embeds [B, L, D], adaptor outputs per modality (uncompressed), attention mask [B, L]).
         A modality with ``ctc_compress`` fills only the first k of its N placeholder slots per clip
-        (tasks.ctc.ctc_compress); the other N - k become holes the attention mask hides, so the
+        (modality.speech.asr.ctc.ctc_compress); the other N - k become holes the attention mask hides, so the
         collator's N = output_length(T) contract holds and the LLM reads k positions.
         """
         input_ids = batch["input_ids"]

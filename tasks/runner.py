@@ -20,11 +20,11 @@ from llm.tokens import add_placeholder_tokens
 from tasks.callbacks import PeriodicEval, RunStats, StopFile
 from tasks.checkpoint import META_KEY, TrainableOnlyCheckpoint, load_chain, read_checkpoint, resolve_checkpoint
 from tasks.evaluate import run_generation
-from tasks.lexicon import word_decoder
-from tasks.rescore import DecodeSpec
+from modality.speech.asr.lexicon import word_decoder
+from modality.speech.asr.decode import DecodeSpec
 from tasks.multimodal import MultimodalLM, OptimSpec
 from tasks.stages import StagePolicy
-from tasks.text_baseline import run_text_baseline
+from modality.stock.baselines import run_text_baseline
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     policy = stage_policy(cfg)
     _check_scale(cfg)
     if policy.name == "forecast":
-        from tasks.forecast import run_forecast
+        from modality.stock.forecast_stage import run_forecast
 
         return _write_metrics(out, run_forecast(cfg, out, instantiate_accepting, build_trainer))
 
@@ -188,7 +188,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         model.set_ctc_vocab(_corpus_ctc_vocab(dm, lm.tokenizer, list(model.placeholder_ids.values()),
                                               cfg.stage.get("ctc_min_count", 1)), cfg.stage.get("ctc_classifier", "cosine"))
     if inherited is None and model.ctc_weight > 0 and cfg.stage.get("ctc_vocab", "full") == "phonemes":
-        from tasks.phonemes import Phonemizer
+        from modality.speech.asr.phonemes import Phonemizer
 
         language = cfg.stage.get("ctc_language", "en-us")
         ph = Phonemizer(language)  # its cache then holds every train transcript's targets
@@ -203,7 +203,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     decode = DecodeSpec(int(ev.get("num_beams", 1)), float(ev.get("ctc_weight", 0.0)), float(ev.get("length_bonus", 0.0)),
                         int(ev.get("ctc_beams", 0)), int(ev.get("score_batch", 0)))
     eval_loader = dm.eval_dataloader()
-    if model.ctc_phonemes and eval_loader is not None:  # words from phonemes: lexicon + word LM (tasks.lexicon)
+    if model.ctc_phonemes and eval_loader is not None:  # words from phonemes: lexicon + word LM (modality.speech.asr.lexicon)
         model.word_decoder = word_decoder(model.ctc_phonemes, model.phonemizer, ev.get("lexicon", {}),
                                           next((m["train_files"] for m in metas if m.get("train_files")), None)
                                           or _train_files(cfg))
@@ -279,7 +279,7 @@ def _corpus_ctc_vocab(dm: Any, tokenizer: Any, blank_ids: list[int], min_count: 
 
     Train only: a class no training sample spells cannot be learned, and val may be held-out data."""
     from data.collate import ctc_target
-    from tasks.ctc import corpus_vocab, single_char_tokens
+    from modality.speech.asr.ctc import corpus_vocab, single_char_tokens
 
     targets = [t for r in dm.records("train") if (t := ctc_target(tokenizer, r))]
     vocab = corpus_vocab(targets, blank_ids, min_count, always=single_char_tokens(tokenizer))
@@ -290,7 +290,7 @@ def _corpus_ctc_vocab(dm: Any, tokenizer: Any, blank_ids: list[int], min_count: 
 
 def _phoneme_classes(dm: Any, ph: Any) -> list[str]:
     """stage.ctc_vocab=phonemes: every phoneme espeak-ng says in the TRAIN transcripts (blank first)."""
-    from tasks.phonemes import phoneme_inventory
+    from modality.speech.asr.phonemes import phoneme_inventory
 
     texts = sorted({r["reference"] for r in dm.records("train") if r.get("type") == "asr" and r.get("reference")})
     seqs = [s for t in tqdm(texts, desc="phonemes", unit="text", leave=False) for s in _safe_phonemes(ph, t)]

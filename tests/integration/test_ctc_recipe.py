@@ -33,7 +33,7 @@ def phase1(speech_corpus, tmp_path_factory):
 
 
 def test_ctc_only_phase_never_runs_the_llm_and_logs_the_ctc_readout(phase1, tiny_lm):
-    from tasks.ctc import single_char_tokens
+    from modality.speech.asr.ctc import single_char_tokens
 
     out, m = phase1
     assert m["steps"] == 2 and m["first_loss"] > 0

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
 import tasks.runner as runner
-from data.stock_text import QUESTION_TYPES
+from modality.stock.data.text import QUESTION_TYPES
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -170,7 +170,7 @@ def test_instruct_scores_each_question_type_next_to_text_baselines(runs):
 
 
 def test_evaluate_on_any_csv(runs, tmp_path):
-    from data.stock_csv import load_packaged
+    from modality.stock.data.prices import load_packaged
 
     out, _, _ = runs
     csv = tmp_path / "mine.csv"

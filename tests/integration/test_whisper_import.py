@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modality.audio import load_audio
+from modality.speech.audio import load_audio
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def wer(ref: str, hyp: str) -> float:
 
 @pytest.fixture(scope="module")
 def packaged() -> Path:
-    from modality.whisper_ct2 import find_packaged_whisper
+    from modality.speech.whisper_ct2 import find_packaged_whisper
 
     try:
         return find_packaged_whisper()
@@ -66,7 +66,7 @@ def test_wer_helper() -> None:
 
 
 def test_imported_model_transcribes_espeak(packaged: Path, clips) -> None:
-    from modality.whisper_ct2 import load_ct2_processor, load_ct2_whisper
+    from modality.speech.whisper_ct2 import load_ct2_processor, load_ct2_whisper
 
     model, proc = load_ct2_whisper(packaged), load_ct2_processor(packaged)
     assert model.config.d_model == 384 and model.config.vocab_size == 51864
@@ -81,7 +81,7 @@ def test_imported_model_transcribes_espeak(packaged: Path, clips) -> None:
 def test_real_length_encoding_is_close_to_padded(clips) -> None:
     from transformers import WhisperFeatureExtractor
 
-    from modality.speech import SpeechModality
+    from modality.speech.plugin import SpeechModality
 
     m = SpeechModality(d_llm=8, hidden=8).eval()
     _, wave = clips[1]

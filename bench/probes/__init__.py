@@ -1,0 +1,1 @@
+"""Research probes: measurements behind decisions (bench/RESULTS.md), apart from the benchmarks."""

@@ -1,0 +1,1 @@
+"""The speech corpus: espeak-ng synthesis of real sentences, instruct conversations, splits."""

@@ -1,0 +1,152 @@
+"""Build the synthetic speech data: align manifests (ASR) and instruct conversations.
+
+    python -m modality.speech.corpus.build --out data_cache/speech --n-align 3000 --n-instruct 800 --jobs 2
+
+Writes under --out: train.jsonl / val.jsonl / eval.jsonl (NeMo manifests; eval = held-out
+voices), arith_train.jsonl / arith_eval.jsonl (spoken arithmetic clips),
+instruct_train.json / instruct_eval.json (conversations), wavs/ (16 kHz mono). Re-running
+reuses every clip whose parameters are unchanged.
+
+    python -m modality.speech.corpus.build --out data_cache/speech_wordnet --wordnet-train 24000
+
+writes only train.jsonl: WordNet example sentences (never a held-out fortune sentence) in the
+training voices, extra training text for the long alignment recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+from modality.speech.corpus.sentences import load_sentences, split_sentences, wordnet_examples
+from modality.speech.corpus.conversations import (
+    expected_arithmetic,
+    make_conversations,
+    make_problem,
+)
+from modality.speech.corpus.tts import (
+    build_corpus,
+    plan_split,
+    prune,
+    read_manifest,
+    render,
+    sample_spec,
+    split_voices,
+    write_manifest,
+)
+
+
+def write_records(path: Path, records: list[dict]) -> None:
+    """JSON list, one record per line (readable, diff-able), written atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n")
+    os.replace(tmp, path)
+
+
+def build_align(out: Path, n_align: int, jobs: int, seed: int) -> dict:
+    """Sentences -> TTS corpus manifests (train/val/eval)."""
+    pools = split_sentences(load_sentences(seed=seed))
+    return build_corpus(out, n_align, pools, jobs=jobs, seed=seed)
+
+
+def build_wordnet_train(out: Path, n: int, jobs: int, seed: int, part: str = "examples") -> dict:
+    """``n`` training clips of WordNet text (one per sentence up to their count), training voices.
+
+    ``part``: examples | definitions (see :func:`modality.speech.corpus.sentences.wordnet_examples`).
+    """
+    pools = split_sentences(load_sentences(seed=seed))
+    texts = wordnet_examples(seed=seed, exclude=pools["eval"] + pools["val"], part=part)
+    voices, variants = split_voices()["train"]
+    name = "wordnet" if part == "examples" else f"wordnet-{part}"
+    specs = plan_split(texts, n, name, seed, voices, variants)
+    rows, errors = render(specs, out, f"wavs/{name}", "train", jobs, previous=out / "train.jsonl")
+    write_manifest(out / "train.jsonl", rows)
+    return {"train": len(rows), "sentences": len(texts), "failed": len(errors), "errors": errors[:3],
+            "pruned": prune(out, f"wavs/{name}", rows), "hours": round(sum(r["duration"] for r in rows) / 3600, 3)}
+
+
+def build_instruct(out: Path, n_train: int, n_eval: int, jobs: int, seed: int) -> dict:
+    """Spoken-arithmetic clips + conversations over the align clips (eval over held-out voices)."""
+    stats: dict = {"failed": 0, "errors": []}
+    voices = split_voices()
+    arith_rows_all = []
+    for split, n, manifest in (("train", n_train, "train.jsonl"), ("eval", n_eval, "eval.jsonl")):
+        if not (out / manifest).exists():
+            raise FileNotFoundError(f"{out / manifest} is missing: build the align manifests first")
+        pool = read_manifest(out / manifest)
+        k = expected_arithmetic(n, seed, split)
+        problems = [make_problem(random.Random(f"{seed}:arith:{split}:{i}")) for i in range(k)]
+        specs = [sample_spec(p.text, random.Random(f"{seed}:arith-voice:{split}:{i}"), *voices[split]) for i, p in enumerate(problems)]
+        rows, errors = render(specs, out, f"wavs/arith/{split}", split, jobs, extras=[{"answer": p.answer} for p in problems],
+                              previous=out / f"arith_{split}.jsonl")
+        write_manifest(out / f"arith_{split}.jsonl", rows)
+        arith_rows_all += rows
+        stats["failed"] += len(errors)
+        stats["errors"] += errors[:3]
+        records = make_conversations(pool, rows, n, seed, split, max_followups=2 if split == "train" else 0)
+        write_records(out / f"instruct_{split}.json", records)
+        stats[f"instruct_{split}"] = len(records)
+        stats[f"arith_{split}"] = len(rows)
+        stats[f"types_{split}"] = dict(sorted(collections.Counter(r["type"] for r in records).items()))
+    stats["pruned"] = prune(out, "wavs/arith", arith_rows_all)
+    return stats
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("data_cache/speech"))
+    p.add_argument("--n-align", type=int, default=3000, help="align clips in all (train+val+eval)")
+    p.add_argument("--n-instruct", type=int, default=800, help="instruct training conversations")
+    p.add_argument("--n-instruct-eval", type=int, default=None, help="eval conversations (default n-instruct/4)")
+    p.add_argument("--jobs", type=int, default=2, help="parallel espeak-ng processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--align-only", action="store_true", help="build only the align manifests (e.g. a larger corpus for speech_align_long)")
+    p.add_argument("--wordnet-train", type=int, default=0, metavar="N",
+                   help="build ONLY a train.jsonl of N clips of WordNet text (apt: wordnet-base)")
+    p.add_argument("--wordnet-part", choices=("examples", "definitions"), default="examples",
+                   help="with --wordnet-train: the glosses' example sentences or their definitions")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    n_eval = args.n_instruct_eval if args.n_instruct_eval is not None else max(1, args.n_instruct // 4)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if args.wordnet_train:
+        wn = build_wordnet_train(args.out, args.wordnet_train, args.jobs, args.seed, args.wordnet_part)
+        print(f"wordnet {args.wordnet_part} train: {wn['train']} clips of {wn['sentences']} sentences ({wn['hours']} h audio), "
+              f"{wn['failed']} skipped (espeak failed), {wn['pruned']} stale removed, {time.perf_counter() - t0:.1f}s")
+        for e in wn["errors"]:
+            print(f"  skipped: {e}", file=sys.stderr)
+        return 0
+    align = build_align(args.out, args.n_align, args.jobs, args.seed)
+    t1 = time.perf_counter()
+    print(f"align: train {align['train']}, val {align['val']}, eval {align['eval']} clips "
+          f"({align['hours']} h audio), {align['failed']} skipped (espeak failed), "
+          f"{align['pruned']} stale removed, {t1 - t0:.1f}s")
+    for e in align["errors"]:
+        print(f"  skipped: {e}", file=sys.stderr)
+    if args.align_only:
+        return 0
+    inst = build_instruct(args.out, args.n_instruct, n_eval, args.jobs, args.seed)
+    t2 = time.perf_counter()
+    print(f"instruct: train {inst['instruct_train']}, eval {inst['instruct_eval']} conversations; "
+          f"arithmetic clips train {inst['arith_train']}, eval {inst['arith_eval']}, "
+          f"{inst['failed']} skipped (espeak failed), {t2 - t1:.1f}s")
+    print(f"types train: {inst['types_train']}")
+    print(f"types eval:  {inst['types_eval']}")
+    for e in inst["errors"]:
+        print(f"  skipped: {e}", file=sys.stderr)
+    print(f"wrote {args.out} in {t2 - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

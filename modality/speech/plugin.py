@@ -1,0 +1,404 @@
+"""Speech modality: frozen Whisper encoder on the real length of the clip + frame-stacking adaptor.
+
+Why real length: Whisper pads every clip to 30 s (1,500 encoder frames); a 4 s clip would
+cost 7x the encoder compute and carry 1,300 frames of silence into the LLM. We run conv1,
+conv2, the first T' positional embeddings and the layers ourselves, with attention masked
+over padded frames, so a clip gives the same frames alone or padded in a batch.
+
+Measured (tiny.en, espeak clips of 2.4-5.2 s): per-frame cosine similarity of real-length vs
+30 s padded encoder outputs is 0.94-0.98 on average, 0.97-0.99 over the first 10 frames; the
+last frames differ most (the padded run sees trailing silence there). Whisper's own decoder
+reading real-length outputs gets the words but may not stop: it never saw short contexts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchaudio.functional as AF
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from modality.speech.audio import audio_info, load_audio
+from modality.base import Modality
+
+SAMPLE_RATE, N_FFT, HOP = 16000, 400, 160  # Whisper's front end: 25 ms window, 10 ms hop
+PACKAGED = "packaged:whisper-tiny.en"
+TINY_ENCODER = {"d_model": 16, "encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 32, "num_mel_bins": 80}
+
+
+@dataclass
+class SpeechHParams:
+    """Shape-setting hyperparameters, validated up front so a bad config fails at construction."""
+
+    d_llm: int
+    stack: int = 4
+    adaptor: str = "mlp"
+    hidden: int = 1024
+    target_rms: float | None = None
+    max_seconds: float = 30.0
+    overlong: str = "error"
+    layers: int = 2      # transformer adaptor only: self-attention layers over the stacked positions
+    heads: int = 8
+
+    def __post_init__(self) -> None:
+        if self.d_llm is None or int(self.d_llm) < 1:
+            raise ValueError(f"d_llm must be a positive int (the LLM hidden width), got {self.d_llm!r}")
+        if self.stack < 1:
+            raise ValueError(f"stack must be >= 1, got {self.stack}")
+        if self.adaptor not in ("mlp", "conv", "transformer"):
+            raise ValueError(f"adaptor must be 'mlp', 'conv' or 'transformer', got {self.adaptor!r}")
+        if self.adaptor == "transformer" and (self.layers < 1 or self.heads < 1 or self.hidden % self.heads):
+            raise ValueError(f"transformer adaptor needs layers >= 1 and hidden ({self.hidden}) divisible by heads "
+                             f"({self.heads}), got layers={self.layers}")
+        if self.hidden < 1:
+            raise ValueError(f"hidden must be >= 1, got {self.hidden}")
+        if self.target_rms is not None and not self.target_rms > 0:
+            raise ValueError(f"target_rms must be > 0 or None, got {self.target_rms}")
+        if not 0 < self.max_seconds <= 30:
+            raise ValueError(f"max_seconds must be in (0, 30] (Whisper's window), got {self.max_seconds}")
+        if self.overlong not in ("error", "truncate"):
+            raise ValueError(f"overlong must be 'error' or 'truncate', got {self.overlong!r}")
+
+
+def mel_filters(n_mels: int) -> Tensor:
+    """Slaney-scale, slaney-normalised triangular filters [N_FFT//2+1, n_mels], as Whisper/librosa."""
+    return AF.melscale_fbanks(N_FFT // 2 + 1, 0.0, 8000.0, n_mels, SAMPLE_RATE, norm="slaney", mel_scale="slaney")
+
+
+def log_mel(wave: Tensor, filters: Tensor) -> Tensor:
+    """Waveform [S] at 16 kHz -> Whisper log-mel [S // 160, n_mels] on the real length (no 30 s padding)."""
+    if wave.shape[0] <= N_FFT // 2:  # reflect padding needs more than half a window: pad very short clips with silence
+        wave = F.pad(wave, (0, N_FFT + 1 - wave.shape[0]))
+    stft = torch.stft(wave, N_FFT, HOP, window=torch.hann_window(N_FFT, device=wave.device), return_complex=True)
+    power = stft[:, :-1].abs() ** 2  # [F, T]; Whisper drops the last frame
+    log = (filters.T.to(power) @ power).clamp(min=1e-10).log10()  # [n_mels, T]
+    log = torch.maximum(log, log.max() - 8.0)
+    return ((log + 4.0) / 4.0).T.contiguous()  # [T, n_mels]
+
+
+def _load_encoder(encoder_name: str, tiny: bool | dict) -> nn.Module:
+    """A transformers ``WhisperEncoder``: tiny random (tests), the packaged CTranslate2 import, or a HF id/path."""
+    from transformers import WhisperConfig, WhisperModel
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    if tiny:
+        cfg = WhisperConfig(**{**TINY_ENCODER, **(tiny if isinstance(tiny, dict) else {})})
+        cfg._attn_implementation = "sdpa"
+        return WhisperEncoder(cfg)
+    if encoder_name == PACKAGED or encoder_name.startswith("ct2:"):
+        from modality.speech.whisper_ct2 import find_packaged_whisper, load_ct2_whisper
+
+        src = find_packaged_whisper() if encoder_name == PACKAGED else Path(encoder_name[4:])
+        full = load_ct2_whisper(src)
+    else:  # a hub id or a local folder the user named
+        full = WhisperModel.from_pretrained(encoder_name, attn_implementation="sdpa")
+    encoder = full.get_encoder()
+    del full
+    return encoder
+
+
+class SpeechAdaptor(nn.Module):
+    """Frame stacking + 2-layer MLP (or strided Conv1d, or a small transformer) -> d_llm, then an
+    optional fixed-RMS LayerNorm.
+
+    ``target_rms`` rescales each output vector to the RMS of the LLM's token embeddings, so the
+    frozen LLM sees inputs on the scale it was trained on from the first step. ``transformer`` adds
+    self-attention over the stacked positions: an MLP position sees only its own 80 ms, while a
+    word's sub-word tokens span several positions (see bench/probes/ctc_probe.py for the measured effect).
+    """
+
+    def __init__(self, d_in: int, d_llm: int, stack: int, hidden: int, kind: str, target_rms: float | None,
+                 layers: int = 2, heads: int = 8, n_states: int = 1):
+        super().__init__()
+        self.stack, self.kind, self.target_rms, self.n_states = stack, kind, target_rms, n_states
+        # several encoder states come in side by side, each layer-normed (their scales differ), and the input
+        # projection reads them all. Measured: a softmax-weighted sum of them (SUPERB-style, mean at start) learned
+        # far slower (held-out CTC WER 96.6 % vs 65.9 % at step 200): its weights move ~lr per step
+        d_in = d_in * n_states
+        if kind in ("mlp", "transformer"):
+            self.fc1 = nn.Linear(d_in * stack, hidden)
+        else:  # kernel 2*stack, stride stack: each output sees its own block plus half a block either side
+            self.conv = nn.Conv1d(d_in, hidden, kernel_size=2 * stack, stride=stack)
+        if kind == "transformer":
+            layer = nn.TransformerEncoderLayer(hidden, heads, 2 * hidden, dropout=0.1, activation="gelu",
+                                               batch_first=True, norm_first=True)
+            self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.fc2 = nn.Linear(hidden, d_llm)
+        self.norm = nn.LayerNorm(d_llm, elementwise_affine=False) if target_rms is not None else None
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """x [B, T, H] with T a multiple of ``stack`` and zeros past each length -> [B, T / stack, d_llm].
+
+        ``lengths`` (output positions per row) masks padded positions out of the transformer's attention.
+        """
+        if self.n_states > 1:
+            x = self.norm_states(x)
+        b, t, h = x.shape
+        s = self.stack
+        if self.kind == "conv":
+            y = self.conv(F.pad(x.transpose(1, 2), (s // 2, s - s // 2))).transpose(1, 2)  # [B, T/s, hidden]
+        else:
+            y = self.fc1(x.reshape(b, t // s, s * h))  # [B, T, H] -> [B, T/s, s*H] -> [B, T/s, hidden]
+        if self.kind == "transformer":
+            pad = None if lengths is None else torch.arange(t // s, device=y.device)[None, :] >= lengths[:, None].to(y.device)
+            y = self.blocks(y, src_key_padding_mask=pad)  # [B, T/s, hidden]
+        y = self.fc2(F.gelu(y))
+        if self.norm is not None:
+            y = self.norm(y) * self.target_rms
+        return y
+
+    def norm_states(self, x: Tensor) -> Tensor:
+        """[B, T, K*H] (K encoder states side by side) -> the same with each state layer-normed; zero rows stay zero."""
+        b, t, kh = x.shape
+        return F.layer_norm(x.view(b, t, self.n_states, kh // self.n_states), (kh // self.n_states,)).view(b, t, kh)
+
+
+def encoder_states(spec: str | Iterable[int], n_layers: int) -> tuple[int, ...]:
+    """modality.encoder_layers -> hidden-state indices (0 = conv + positions, i = after layer i).
+
+    "last" (the final layer, layer-normed, as Whisper's decoder reads it), "all", or a list of indices.
+    Why earlier states: Whisper's last layer is shaped for its own decoder; the layers below keep more of the
+    sound (SUPERB: ASR probes read middle layers best), which voices unlike Whisper's training data may need.
+    """
+    if spec == "last":
+        return (n_layers,)
+    if spec == "all":
+        return tuple(range(n_layers + 1))
+    ids = tuple(int(i) for i in (spec.split(",") if isinstance(spec, str) else spec))  # a list or Hydra ListConfig
+    if not ids or sorted(set(ids)) != list(ids) or ids[0] < 0 or ids[-1] > n_layers:
+        raise ValueError(f"encoder_layers must be 'last', 'all' or increasing indices in 0..{n_layers}, got {spec!r}")
+    return ids
+
+
+def compress_mode(value: bool | str | None) -> str | bool:
+    """modality.ctc_compress: false | true (= "mean") | "mean" | "soft" | "hard" -> False or the mode."""
+    if value in (None, False, "false", "none"):
+        return False
+    if value is True or value in ("true", "mean"):
+        return "mean"
+    if value in ("soft", "hard"):
+        return value
+    raise ValueError(f"ctc_compress must be false, true/'mean', 'soft' or 'hard', got {value!r}")
+
+
+class SpeechModality(Modality):
+    """Whisper encoder (frozen) + frame-stacking adaptor; speech refs are audio file paths."""
+
+    name = "speech"
+    placeholder = "<speech>"
+
+    def __init__(
+        self,
+        *,
+        d_llm: int,
+        encoder_name: str = PACKAGED,
+        stack: int = 4,
+        adaptor: str = "mlp",
+        hidden: int = 1024,
+        target_rms: float | None = None,
+        max_seconds: float = 30.0,
+        overlong: str = "error",
+        cache_dir: str | None = None,
+        tiny: bool | dict = False,
+        layers: int = 2,
+        heads: int = 8,
+        ctc_compress: bool | str = False,
+        time_mask: float = 0.0,
+        encoder_layers: str | list = "last",
+    ):
+        super().__init__()
+        self.hp = SpeechHParams(int(d_llm), stack, adaptor, hidden, target_rms, max_seconds, overlong, layers, heads)
+        self.save_hyperparameters()
+        self.encoder_name = "tiny" if tiny else encoder_name
+        self.cache_dir = cache_dir
+        # MultimodalLM drops CTC blanks and merges repeats (modality.speech.asr.ctc): "mean" of the adaptor outputs, or
+        # "soft": each position's class distribution mapped through the LLM's embedding rows (text it knows);
+        # "hard": the argmax class's row (the LLM reads the greedy readout as text)
+        self.ctc_compress = compress_mode(ctc_compress)
+        if not 0 <= time_mask < 1:
+            raise ValueError(f"time_mask must be in [0, 1), got {time_mask}")
+        self.time_mask = float(time_mask)
+        self.d_llm = self.hp.d_llm
+        self.encoder = _load_encoder(encoder_name, tiny)
+        cfg = self.encoder.config
+        self.n_mels, self.hidden_size = cfg.num_mel_bins, cfg.d_model
+        self.max_frames = cfg.max_source_positions  # encoder positions; 1500 = 30 s
+        self.states = encoder_states(encoder_layers, cfg.encoder_layers)
+        self.register_buffer("mel_fb", mel_filters(self.n_mels), persistent=False)
+        self.adaptor = SpeechAdaptor(self.hidden_size, self.d_llm, self.hp.stack, self.hp.hidden, self.hp.adaptor,
+                                     self.hp.target_rms, self.hp.layers, self.hp.heads, n_states=len(self.states))
+        self._fingerprint: str | None = None
+        _ = self.fingerprint  # now, while the encoder is on the CPU (DataLoader workers may not touch CUDA)
+        self.set_trainable(encoder=False, adaptor=True)
+
+    # ------------------------------------------------------------------ data side
+    def resolve(self, ref: Any, root: str | None = None) -> Path:
+        p = Path(str(ref)).expanduser()
+        return p if p.is_absolute() or root is None else Path(root) / p
+
+    def load(self, ref: Any, root: str | None = None) -> Tensor:
+        """Audio path -> float32 mono waveform [S] at 16 kHz (bad files: one-line ValueError naming them)."""
+        return load_audio(self.resolve(ref, root), SAMPLE_RATE, self.hp.max_seconds, self.hp.overlong)
+
+    @torch.no_grad()
+    def featurize(self, raw: Any) -> Tensor:
+        """Waveform [S] (16 kHz) -> log-mel [T, n_mels], T = S // 160, matching WhisperFeatureExtractor frames."""
+        wave = torch.as_tensor(raw, dtype=torch.float32).cpu()
+        if wave.ndim != 1:
+            raise ValueError(f"featurize expects a mono waveform [S], got shape {tuple(wave.shape)}")
+        return log_mel(wave, self.mel_fb.cpu())
+
+    def output_length(self, feature_length: int) -> int:
+        return self.adapted_length(self.hidden_length(feature_length))
+
+    def hidden_length(self, feature_length: int) -> int:
+        """Encoder frames for T mel frames: conv2 has stride 2 and padding 1 -> ceil(T / 2)."""
+        if feature_length < 1:
+            raise ValueError(f"feature_length must be >= 1, got {feature_length}")
+        return (feature_length - 1) // 2 + 1
+
+    def adapted_length(self, hidden_length: int) -> int:
+        return -(-hidden_length // self.hp.stack)  # ceil: the adaptor pads to a multiple of stack
+
+    # ------------------------------------------------------------------ model side
+    def encode_frozen(self, features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """log-mel [B, T, n_mels] + mask [B, T] -> (hidden [B, T', K*H], lengths [B]), T' = ceil(T / 2).
+
+        K = the number of ``encoder_layers`` states, side by side (K = 1, the final layer, by default).
+        """
+        enc = self.encoder
+        p = next(enc.parameters())
+        mask = mask.to(p.device)
+        in_len = mask.sum(dim=1)
+        x = (features.to(p) * mask[..., None].to(p)).transpose(1, 2)  # [B, n_mels, T], zeros past each length
+        x = F.gelu(enc.conv1(x)) * mask[:, None, :].to(p)  # conv2 must see zeros past the end, as when alone
+        x = F.gelu(enc.conv2(x)).transpose(1, 2)  # [B, T', H]
+        t_out = x.shape[1]
+        if t_out > self.max_frames:
+            raise ValueError(f"speech input of {features.shape[1]} mel frames exceeds the encoder's {self.max_frames * 2} (30 s)")
+        lengths = (in_len - 1) // 2 + 1
+        valid = torch.arange(t_out, device=p.device)[None, :] < lengths[:, None]  # [B, T']
+        x = x + enc.embed_positions.weight[:t_out].to(p)
+        x = F.dropout(x, p=enc.config.dropout, training=enc.training)
+        bias = torch.zeros(valid.shape, dtype=p.dtype, device=p.device).masked_fill(~valid, torch.finfo(p.dtype).min)
+        bias = bias[:, None, None, :].expand(-1, 1, t_out, -1)  # [B, 1, T'(query), T'(key)]: no key past the end
+        states = []  # index i: the residual stream after i layers; the last one layer-normed
+        for layer in enc.layers:
+            states.append(x)
+            x = layer(x, bias)
+        states.append(enc.layer_norm(x))  # the final state as Whisper's decoder reads it
+        x = torch.cat([states[i] for i in self.states], dim=-1)  # K x [B, T', H] -> [B, T', K*H]
+        return x * valid[..., None].to(p), lengths
+
+    def adapt(self, hidden: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """hidden [B, T', H] -> (embeddings [B, ceil(T'/stack), d_llm], lengths ceil(len/stack))."""
+        w = self.adaptor.fc2.weight
+        lengths = lengths.to(w.device)
+        t = hidden.shape[1]
+        valid = torch.arange(t, device=w.device)[None, :] < lengths[:, None]
+        x = hidden.to(w) * valid[..., None].to(w)  # padded rows must not leak into a block or conv window
+        if self.time_mask > 0 and self.adaptor.training:
+            x = x * ~self._time_spans(lengths, t)[..., None]
+        pad = -t % self.hp.stack
+        x = F.pad(x, (0, 0, 0, pad))  # [B, T' + pad, H]
+        out_len = -(-lengths // self.hp.stack)
+        return self.adaptor(x, out_len), out_len
+
+    def _time_spans(self, lengths: Tensor, t: int, span: int = 10) -> Tensor:
+        """SpecAugment-style time masking of the encoder frames (training only): spans of ``span`` frames
+        (0.2 s) at random places, ~``time_mask`` of each clip in all. Why: the adaptor must read a word from
+        its context too, which is what unseen voices and unseen sentences need. Returns [B, t] bool (True = masked)."""
+        masked = torch.zeros(len(lengths), t, dtype=torch.bool, device=lengths.device)
+        for b, n in enumerate(lengths.tolist()):
+            for _ in range(int(n * self.time_mask / span + 0.5)):
+                start = int(torch.randint(0, max(1, n - span), ()))
+                masked[b, start:start + span] = True
+        return masked
+
+    # ------------------------------------------------------------------ encoder-output cache
+    @property
+    def fingerprint(self) -> str:
+        """Names the encoder's weights (name + conv1 bytes) so a cache never mixes encoders."""
+        if self._fingerprint is None:
+            h = hashlib.sha1(self.encoder_name.encode())
+            h.update(self.encoder.conv1.weight.detach().float().cpu().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def cache_path(self, path: Path) -> Path:
+        if self.cache_dir is None:
+            raise ValueError("cache_dir is not set")
+        st = path.stat()
+        key = f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}|{self.fingerprint}|{self.hp.max_seconds}|{self.hp.overlong}"
+        if self.states != (self.encoder.config.encoder_layers,):  # the final state alone keeps its old key
+            key += f"|states={self.states}"
+        digest = hashlib.sha1(key.encode()).hexdigest()
+        return Path(self.cache_dir) / digest[:2] / f"{digest}.safetensors"
+
+    def load_features(self, ref: Any, root: str | None = None) -> tuple[Tensor, str]:
+        """(log-mel, "features"); with ``cache_dir`` set, (cached encoder output [T', K*H], "hidden")."""
+        if self.cache_dir is None:
+            return self.featurize(self.load(ref, root)), "features"
+        path = self.resolve(ref, root)
+        if not path.is_file():
+            raise ValueError(f"{path}: audio file not found")
+        cp = self.cache_path(path)
+        if cp.is_file():
+            return load_file(str(cp))["hidden"].float(), "hidden"
+        p = next(self.encoder.parameters())
+        if p.device.type != "cpu" and torch.utils.data.get_worker_info() is not None:
+            raise RuntimeError(f"{path}: speech cache miss in a DataLoader worker with the encoder on {p.device}; run SpeechModality.precompute_cache first")
+        feats = self.featurize(self.load(path))
+        with torch.no_grad():
+            hidden, _ = self.encode_frozen(feats[None], torch.ones(1, feats.shape[0], dtype=torch.bool))
+        hidden = hidden[0].float().cpu()
+        self._save_cache(cp, hidden)
+        return hidden, "hidden"
+
+    @staticmethod
+    def _save_cache(cp: Path, hidden: Tensor) -> None:
+        cp.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cp.with_suffix(f".{os.getpid()}.tmp")
+        save_file({"hidden": hidden.to(torch.float16).contiguous()}, str(tmp))
+        os.replace(tmp, cp)  # atomic: parallel workers never read half a file
+
+    @torch.no_grad()
+    def precompute_cache(self, paths: list, batch_size: int = 16, root: str | None = None, progress: bool = True) -> dict[str, int]:
+        """Encode many clips batched (sorted by length, so little padding) into ``cache_dir``.
+
+        Returns counts {"computed", "cached"}. Bad files raise as in :meth:`load`.
+        """
+        from tqdm.auto import tqdm
+
+        todo = []
+        for ref in paths:
+            path = self.resolve(ref, root)
+            if path.is_file() and self.cache_path(path).is_file():
+                continue
+            frames, sr = audio_info(path)  # header only; a missing/bad file raises here, naming it
+            todo.append((frames / sr, path))
+        todo.sort(key=lambda x: x[0])
+        was_training = self.encoder.training
+        self.encoder.eval()
+        bar = tqdm(total=len(todo), desc="speech cache", unit="clip", disable=not progress)
+        for i in range(0, len(todo), batch_size):
+            chunk = [p for _, p in todo[i : i + batch_size]]
+            feats, mask = self.collate_features([self.featurize(self.load(p)) for p in chunk])
+            hidden, lengths = self.encode_frozen(feats, mask)
+            for path, h, n in zip(chunk, hidden.float().cpu(), lengths.tolist()):
+                self._save_cache(self.cache_path(path), h[:n].clone())
+            bar.update(len(chunk))
+        bar.close()
+        self.encoder.train(was_training)
+        return {"computed": len(todo), "cached": len(paths) - len(todo)}
+
+    def extra_repr(self) -> str:
+        return f"encoder={self.encoder_name!r}, {asdict(self.hp)}"

@@ -1,0 +1,140 @@
+"""Text-only baselines for the stock modality: the same questions, the window written as text.
+
+The adaptor's value is what the multimodal model scores above the SAME LLM reading the SAME
+window as text: the ``<stock>`` placeholder becomes the last closes plus every computed
+signal the adaptor also gets (modality/stock/data/datamodule.py ``render_window``). All rows are scored with
+tasks.evaluate.score, per question type, on the same eval records as the model:
+
+- ``text_zero_shot/*``: the frozen base LLM (the run's LoRA disabled). One generation pass;
+  a floor, since it never saw the answer format the keys are written in.
+- ``text_lora/*`` (``data.text_baseline.train_lora=true``, stage=instruct only): a fresh LoRA
+  on the base LLM trained on this run's own training records rendered as text, with the same
+  LoRA spec, optimiser, batch size, steps and seed. The fair comparison: same LLM, same
+  supervision, same budget; only the input path differs. (The multimodal model also had its
+  align stage; the text LoRA gets no steps for that.) It loads a second copy of the LLM and
+  doubles the stage's time, so it is opt-in.
+- ``majority/*``: always answering each type's most common reference (what guessing scores).
+
+Rendered records land in ``<run>/text_baseline/`` and predictions in
+``<run>/predictions_text_{zero_shot,lora}.jsonl``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from data.collate import ConversationCollator
+from data.dataset import ConversationDataset
+from modality.stock.data.datamodule import as_text_record
+from modality.stock.data.text import write_records
+from tasks.evaluate import run_generation, score
+
+
+@dataclass
+class TextBaselineSpec:
+    zero_shot: bool = True     # the frozen base LLM on text prompts
+    train_lora: bool = False   # also train a text-only LoRA with the instruct run's budget
+    n_closes: int = 10         # last closes written into the prompt
+    signals: bool = True       # also write the computed signals (what the adaptor's summary carries)
+    max_length: int = 1024     # text prompts are longer than the modality's few positions
+
+    def __post_init__(self) -> None:
+        if self.n_closes < 1 or self.max_length < 16:
+            raise ValueError(f"text_baseline: n_closes must be >= 1 and max_length >= 16, got {self}")
+
+
+@contextlib.contextmanager
+def base_llm(llm: Any) -> Iterator[None]:
+    """Run ``llm`` without its LoRA (a PEFT model's adapters disabled); a plain LLM as it is."""
+    with llm.disable_adapter() if hasattr(llm, "disable_adapter") else contextlib.nullcontext():
+        yield
+
+
+def majority(types: list[str], refs: list[str]) -> dict[str, float]:
+    """Accuracy of answering every question of a type with that type's most common reference."""
+    common = {t: Counter(r for tt, r in zip(types, refs) if tt == t).most_common(1)[0][0] for t in set(types)}
+    return score(types, refs, [common[t] for t in types])
+
+
+def text_loader(records: list[dict], tokenizer: Any, batch_size: int, max_length: int, generate: bool,
+                shuffle: bool = False) -> DataLoader:
+    collate = ConversationCollator(tokenizer, {}, {}, max_length, generate=generate)
+    return DataLoader(ConversationDataset(records, {}), batch_size=batch_size, shuffle=shuffle, collate_fn=collate)
+
+
+def run_text_baseline(cfg: DictConfig, model: Any, dm: Any, out: Path, write: bool = True) -> dict[str, Any]:
+    """Text baselines next to ``model`` on ``dm``'s eval records; {} unless ``dm.text_baseline`` is set.
+    In a multi-process run every rank runs it in step (sharded weights, the text LoRA's own fit); only the
+    ``write`` rank writes files."""
+    settings = getattr(dm, "text_baseline", None)
+    if not settings or "stock" not in model.modalities or not dm.files.get("eval"):
+        return {}
+    spec = TextBaselineSpec(**settings)
+    load = model.modalities["stock"].load
+    render = {"n_closes": spec.n_closes, "signals": spec.signals}
+    eval_recs = [as_text_record(r, load, **render) for r in dm.records("eval")]
+    if write:
+        write_records(eval_recs, out / "text_baseline" / "eval.jsonl")
+    metrics: dict[str, Any] = {}
+    types, refs = [r.get("type", "chat") for r in eval_recs], [r.get("reference") or "" for r in eval_recs]
+    metrics.update({f"majority/{k}": v for k, v in majority(types, refs).items() if k != "eval_samples"})
+    max_new = int(cfg.get("eval", {}).get("max_new_tokens", 64))
+    loader = text_loader(eval_recs, model.tokenizer, dm.eval_batch_size, spec.max_length, generate=True)
+    if spec.zero_shot:
+        with base_llm(model.llm):
+            m = run_generation(model, loader, max_new, out / "predictions_text_zero_shot.jsonl" if write else None,
+                               desc="text baseline (zero-shot)", progress=write)
+        metrics.update({f"text_zero_shot/{k}": v for k, v in m.items()})
+    if spec.train_lora and model.stage.name == "instruct" and dm.files.get("train"):
+        train_recs = [as_text_record(r, load, **render) for r in dm.records("train")]
+        metrics.update(train_text_lora(cfg, train_recs, eval_recs, dm, spec, out, write))
+    return metrics
+
+
+def train_text_lora(cfg: DictConfig, train_recs: list[dict], eval_recs: list[dict], dm: Any,
+                    spec: TextBaselineSpec, out: Path, write: bool = True) -> dict[str, Any]:
+    """Fresh LoRA on a second copy of the base LLM, trained on text records with the run's budget."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from llm.lora import LoraSpec
+    from llm.tokens import add_placeholder_tokens
+    from tasks.callbacks import RunStats
+    from tasks.multimodal import MultimodalLM, OptimSpec
+    from tasks.stages import StagePolicy
+
+    if write:
+        write_records(train_recs, out / "text_baseline" / "train.jsonl")
+    L.seed_everything(cfg.seed, workers=True)
+    lm = instantiate(cfg.llm.model)
+    add_placeholder_tokens(lm.tokenizer, lm.model, [])  # the same chat-template fallback as the run
+    optim = OptimSpec(**OmegaConf.to_container(cfg.stage.optim)) if "optim" in cfg.stage else OptimSpec()
+    text_model = MultimodalLM(lm.model, lm.tokenizer, {}, {}, StagePolicy("instruct", adaptor=False, lora=True),
+                              lora=LoraSpec(**OmegaConf.to_container(cfg.llm.lora)), optim=optim, llm_name=lm.name)
+    train = text_loader(train_recs, lm.tokenizer, dm.batch_size, spec.max_length, generate=False, shuffle=True)
+    stats = RunStats()
+    trainer = instantiate(cfg.trainer, callbacks=[RichProgressBar(leave=True), stats], logger=False,
+                          enable_checkpointing=False, limit_val_batches=0,
+                          default_root_dir=str(out / "text_baseline"))
+    trainer.fit(text_model, train_dataloaders=train)
+    summary = stats.summary(trainer, text_model)
+    metrics = {f"text_lora/{k}": summary[k] for k in ("steps", "first_loss_avg", "last_loss_avg", "train_seconds",
+                                                       "seconds_per_step", "trainable_params")}
+    loader = text_loader(eval_recs, lm.tokenizer, dm.eval_batch_size, spec.max_length, generate=True)
+    m = run_generation(text_model, loader, int(cfg.get("eval", {}).get("max_new_tokens", 64)),
+                       out / "predictions_text_lora.jsonl" if write else None, desc="text baseline (LoRA)",
+                       progress=write)
+    metrics.update({f"text_lora/{k}": v for k, v in m.items()})
+    if write:
+        (out / "text_baseline" / "summary.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

@@ -1,0 +1,62 @@
+import json
+
+import pytest
+
+from data.records import read_records, to_messages
+
+
+def test_nemo_manifest_becomes_asr_conversation(tmp_path):
+    p = tmp_path / "m.jsonl"
+    p.write_text(json.dumps({"audio_filepath": "a.wav", "text": "hello world", "duration": 1.0}) + "\n")
+    (r,) = read_records(p)
+    assert r["speech"] == ["a.wav"] and r["type"] == "asr" and r["reference"] == "hello world"
+    assert to_messages(r)[-1] == {"role": "assistant", "content": "hello world"}
+    assert "<speech>" in to_messages(r)[0]["content"]
+    assert r["root"] == str(tmp_path)
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps({"audio_filepath": "a.wav", "text": "x"}) + "\n\n{not json}\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: malformed JSON"):
+        read_records(p)
+
+
+def test_malformed_json_list_names_file(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text('[{"id": 1,\n "conversations": [}]')
+    with pytest.raises(ValueError, match=r"bad.json:2: malformed JSON"):
+        read_records(p)
+
+
+def test_missing_fields_name_the_record(tmp_path):
+    p = tmp_path / "c.jsonl"
+    p.write_text(json.dumps({"id": "x", "conversations": [{"from": "robot", "value": "hi"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"c.jsonl:1: conversations\[0\]"):
+        read_records(p)
+    p.write_text(json.dumps({"audio_filepath": "a.wav"}) + "\n")
+    with pytest.raises(ValueError, match=r"c.jsonl:1: NeMo manifest line lacks 'text'"):
+        read_records(p)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="nope.jsonl: records file not found"):
+        read_records(tmp_path / "nope.jsonl")
+
+
+def test_dev_split_keeps_the_voices_and_none_of_the_reported_sentences(tmp_path):
+    import json
+
+    import pytest
+
+    from modality.speech.corpus.dev_split import dev_split, main
+
+    rows = [{"text": f"s{i % 7}", "voice": "v"} for i in range(30)]  # sentences repeat every 7 clips
+    dev = dev_split(rows, skip=3, n=4)
+    assert [r["text"] for r in dev] == ["s3", "s4", "s5", "s6"]  # s0-s2 are reported; one clip per sentence
+    with pytest.raises(ValueError, match="only 4 clips"):
+        dev_split(rows, skip=3, n=5)
+    src, out = tmp_path / "eval.jsonl", tmp_path / "dev.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main([str(src), "--skip", "3", "--n", "2", "--out", str(out)])
+    assert [json.loads(x)["text"] for x in out.read_text().splitlines()] == ["s3", "s4"]

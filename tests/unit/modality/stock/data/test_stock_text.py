@@ -1,0 +1,67 @@
+"""Captions and Q&A records about price windows: derived from signals, refs that load."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pandas as pd
+import pytest
+
+from modality.stock.data.prices import load_packaged, split_bounds
+from modality.stock.data.signals import compute_signals
+from modality.stock.data.text import (
+    RECORD_FILES,
+    build_records,
+    describe,
+    prepare_records,
+    question_answers,
+    trend_words,
+    write_records,
+)
+from modality.stock.plugin import StockModality
+
+
+def test_caption_reflects_signals():
+    df = load_packaged()["AAPL_2000"]
+    sig = compute_signals(df.loc["2008-01-01":"2008-12-31"])  # the 2008 crash
+    text = describe(sig, len(df.loc["2008-01-01":"2008-12-31"]) - 1, "AAPL_2000")
+    assert text.startswith("AAPL_2000 over the last")
+    assert "downtrend" in text and f"{sig.change_pct:+.1f}%" in text and "RSI(14)" in text
+    assert trend_words(dataclasses.replace(sig, trend_slope=0.5, trend_r2=0.9, change_pct=40.0)) == "strong uptrend"
+    # slope and endpoints disagree -> no trend claimed
+    assert trend_words(dataclasses.replace(sig, trend_slope=-0.2, trend_r2=0.3, change_pct=0.3)) == "sideways"
+    qa = dict(question_answers(dataclasses.replace(sig, rsi_14=80.0), 250))
+    assert "overbought" in qa["Is it overbought or oversold?"]
+
+
+def test_records_refs_load_and_stay_in_split(tmp_path):
+    recs = build_records(context=64, horizon=5, split="test", kind="instruct", n=5, n_turns=2, seed=1)
+    assert len(recs) == 5
+    m = StockModality(d_llm=None, context=64, horizon=5, patch_len=8, stride=4, d_model=16, n_heads=2, n_layers=1, d_ff=16)
+    series = load_packaged()
+    for r in recs:
+        (ref,) = r["stock"]
+        conv = r["conversations"]
+        assert [c["from"] for c in conv] == ["human", "gpt"] * 2
+        assert sum(c["value"].count("<stock>") for c in conv) == 1
+        w = m.load(ref)
+        df = series[ref["ticker"]]
+        row = df.index.get_loc(pd.Timestamp(ref["end"]))
+        lo, hi = split_bounds(len(df), 64, 5)["test"]
+        assert lo + 64 <= row and row + 5 < hi  # inputs and the horizon inside the test segment
+        assert w.index[-1] == pd.Timestamp(ref["end"])
+    path = write_records(recs, tmp_path / "r.jsonl")
+    assert [json.loads(line) for line in path.read_text().splitlines()] == recs
+    align = build_records(context=64, horizon=5, n=2, kind="align")
+    assert align[0]["conversations"][1]["value"] == describe(compute_signals(m.load(align[0]["stock"][0])), 64, None)
+    with pytest.raises(ValueError, match="kind must be"):
+        build_records(kind="chat")
+
+
+def test_prepare_records_writes_every_split(tmp_path):
+    paths = prepare_records(tmp_path, context=64, horizon=5, n_align=3, n_instruct=2, eval_frac=0.5)
+    assert sorted(p.name for p in paths) == sorted(RECORD_FILES)
+    counts = {p.name: len(p.read_text().splitlines()) for p in paths}
+    assert counts["stock_align_train.jsonl"] == 3 and counts["stock_align_test.jsonl"] == 1
+    assert all("-test-" in json.loads(line)["id"] for line in (tmp_path / "stock_instruct_test.jsonl").read_text().splitlines())
