@@ -38,7 +38,7 @@ def main() -> None:
 
     from data.collate import ConversationCollator
     from data.dataset import ConversationDataset
-    from data.records import read_records
+    from modality.speech.records import read_speech_records
     from llm.loader import load_llm
     from llm.tokens import add_placeholder_tokens
     from modality.speech.plugin import SpeechModality
@@ -50,7 +50,7 @@ def main() -> None:
     ids = add_placeholder_tokens(lm.tokenizer, lm.model, ["<speech>"])
     model = MultimodalLM(lm.model, lm.tokenizer, {"speech": sp}, {"speech": ids["<speech>"]}, StagePolicy("align"))
     model.train()
-    recs = read_records(Path(args.manifest))[: args.batch]
+    recs = read_speech_records(Path(args.manifest))[: args.batch]
     ds = ConversationDataset(recs, {"speech": sp})
     col = ConversationCollator(lm.tokenizer, {"speech": sp}, model.placeholder_ids)
     live = col([ds[i] for i in range(len(ds))])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from data.collate import tokenize_conversation
 from data.dataset import ConversationDataset
-from data.records import read_records
+from modality.speech.records import read_speech_records
 from data.samplers import LengthGroupedSampler, record_length
 
 
@@ -40,7 +40,7 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(resolve_packaged("smollm2-135m-instruct"))
     tok.add_special_tokens({"additional_special_tokens": ["<speech>"]})
-    records = read_records(Path(args.manifest), ("speech",))
+    records = read_speech_records(Path(args.manifest))
     ds = ConversationDataset(records, {}, system_prompt=args.system_prompt)
     lengths = []
     for i, rec in enumerate(records):

@@ -68,13 +68,6 @@ def expand_placeholders(ids: list[int], labels: list[int], counts: dict[int, lis
     return out_ids, out_labels
 
 
-def ctc_target(tokenizer: Any, sample: dict) -> list[int] | None:
-    """The transcript's token ids (as the LLM would write it after a space), for transcript samples only."""
-    if sample.get("type") != "asr" or not sample.get("reference"):
-        return None
-    return tokenizer.encode(" " + sample["reference"].strip(), add_special_tokens=False)
-
-
 class ConversationCollator:
     """Samples from ConversationDataset -> a padded batch.
 
@@ -138,9 +131,6 @@ class ConversationCollator:
             owner = [i for i, s in enumerate(samples) for _ in s["inputs"].get(name, [])]
             modal[name] = {"kind": kinds.pop(), "values": values, "mask": mask,
                            "sample_index": torch.tensor(owner, dtype=torch.long)}
-        # transcript token ids (for the optional CTC loss) of samples whose answer is a transcript
-        ctc_targets = [ctc_target(self.tokenizer, s) for s in samples]
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "modal": modal,
                 "ids": [s["id"] for s in samples], "types": [s.get("type", "chat") for s in samples],
-                "references": [e[2] for e in encoded], "skipped": skipped,
-                "ctc_targets": ctc_targets}
+                "references": [e[2] for e in encoded], "skipped": skipped}

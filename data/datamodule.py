@@ -54,12 +54,13 @@ class ConversationDataModule(L.LightningDataModule):
             self.prepare()
         still = [f for fs in self.files.values() for f in fs if not Path(f).exists()]
         if still:
-            raise ValueError(f"{still[0]}: data file not found (build it with `make data`; `make data-long` for "
-                             f"experiment=speech_align_long; or point data.train_files / data.eval_manifest at your own)")
+            raise ValueError(f"{still[0]}: data file not found (build it with `make data`, or the Makefile target "
+                             f"its experiment names; or point data.train_files / data.eval_manifest at your own)")
 
     def records(self, split: str) -> list[dict]:
         if split not in self._records:
-            recs = [r for f in self.files[split] for r in read_records(f, tuple(self.modalities), self.seed)]
+            adapters = [m.read_record for m in self.modalities.values()]
+            recs = [r for f in self.files[split] for r in read_records(f, tuple(self.modalities), self.seed, adapters)]
             limit = self.limits[split]
             if limit is not None and len(recs) > limit:
                 rng = random.Random(self.seed)

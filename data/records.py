@@ -1,8 +1,8 @@
-"""Read training records: LLaVA-style conversation JSON/JSONL and NeMo ASR manifests.
+"""Read training records: LLaVA-style conversation JSON/JSONL, and lines in a plugin's own format.
 
-Every record comes out as {"id", "<modality>": [refs], "conversations": [...], "root", ...};
-a NeMo line (``audio_filepath``, ``text``) becomes a one-turn ASR conversation. Errors name
-the file and line.
+Every record comes out as {"id", "<modality>": [refs], "conversations": [...], "root", ...}; a line without
+``conversations`` is offered to the plugins' ``read_record`` adapters (e.g. an ASR manifest line becomes a
+one-turn transcription). Errors name the file and line.
 """
 
 from __future__ import annotations
@@ -10,19 +10,11 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "system": "system"}
-ASR_PROMPTS = (
-    "Transcribe the audio.",
-    "What does the speaker say?",
-    "Write down exactly what you hear.",
-    "Repeat the spoken words as text.",
-    "Transcribe this recording.",
-)
-
-
 def _check_record(rec: Any, where: str, modalities: tuple[str, ...]) -> None:
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
@@ -37,22 +29,14 @@ def _check_record(rec: Any, where: str, modalities: tuple[str, ...]) -> None:
             rec[m] = [rec[m]]
 
 
-def asr_record(line: dict, where: str, prompt: str) -> dict:
-    """A NeMo manifest line -> an align conversation with the transcript as the answer."""
-    for key in ("audio_filepath", "text"):
-        if key not in line:
-            raise ValueError(f"{where}: NeMo manifest line lacks '{key}'")
-    rec = {k: v for k, v in line.items() if k not in ("audio_filepath",)}
-    rec.update({"id": line.get("id", where), "speech": [line["audio_filepath"]], "type": "asr",
-                "reference": line["text"],
-                "conversations": [{"from": "human", "value": f"<speech>\n{prompt}"},
-                                  {"from": "gpt", "value": line["text"]}]})
-    return rec
+Adapter = Callable[[dict, str, random.Random], "dict | None"]
 
 
-def read_records(path: str | Path, modalities: tuple[str, ...] = ("speech", "stock"),
-                 seed: int = 0, prompts: tuple[str, ...] = ASR_PROMPTS) -> list[dict]:
-    """Read a .json list or a .jsonl file of records (LLaVA conversations or NeMo lines)."""
+def read_records(path: str | Path, modalities: tuple[str, ...] = (), seed: int = 0,
+                 adapters: Sequence[Adapter] = ()) -> list[dict]:
+    """Read a .json list or a .jsonl file of records: LLaVA conversations, or lines in a plugin's own format that
+    one of ``adapters`` (Modality.read_record) turns into a conversation. ``modalities``: the names whose
+    references a record may hold (a single reference becomes a list)."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: records file not found")
@@ -77,8 +61,8 @@ def read_records(path: str | Path, modalities: tuple[str, ...] = ("speech", "sto
                 raise ValueError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
     out = []
     for where, rec in raw:
-        if isinstance(rec, dict) and "audio_filepath" in rec and "conversations" not in rec:
-            rec = asr_record(rec, where, rng.choice(prompts))
+        if isinstance(rec, dict) and "conversations" not in rec:
+            rec = next((r for adapt in adapters if (r := adapt(rec, where, rng)) is not None), rec)
         _check_record(rec, where, modalities)
         rec.setdefault("id", where)
         rec["root"] = str(path.parent)

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 
 from torch.utils.data import Sampler
 
-TOKENS_PER_SECOND = 12.5  # the speech adaptor's default rate (4-frame stacking of Whisper's 50 Hz)
+TOKENS_PER_SECOND = 12.5  # LLM positions per second of a record's ``duration`` (the default audio adaptor's rate)
 
 
 def record_length(rec: dict, tokens_per_second: float = TOKENS_PER_SECOND) -> float:

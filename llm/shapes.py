@@ -114,7 +114,8 @@ def model_shape(name: str, tiny: Mapping[str, Any] | None = None) -> ModelShape:
 # ------------------------------------------------------------------ encoders
 @dataclass(frozen=True)
 class EncoderShape:
-    """A Whisper encoder's shape, or (``count``) a parameter count measured from an instantiated modality."""
+    """A transformer encoder's shape (its parameters by formula), or (``count``) a parameter count measured from
+    an instantiated modality."""
 
     name: str
     d_model: int = 0
@@ -133,41 +134,14 @@ class EncoderShape:
         return conv + self.positions * d + self.layers * layer + 2 * d
 
 
-WHISPER = {"tiny": (384, 4, 1536, 80), "base": (512, 6, 2048, 80), "small": (768, 12, 3072, 80),
-           "medium": (1024, 24, 4096, 80), "large": (1280, 32, 5120, 80), "large-v3": (1280, 32, 5120, 128),
-           "large-v3-turbo": (1280, 32, 5120, 128), "turbo": (1280, 32, 5120, 128)}
-
-
-def whisper_shape(encoder_name: str) -> EncoderShape | None:
-    m = re.search(r"whisper-(large-v3-turbo|large-v3|large-v2|large|medium|small|base|tiny|turbo)", encoder_name.lower())
-    if not m:
-        return None
-    size = "large" if m.group(1) == "large-v2" else m.group(1)
-    d, L, f, mels = WHISPER[size]
-    return EncoderShape(f"whisper-{m.group(1)}", d, L, f, mels)
-
-
 def modality_shapes(modality_cfg: Mapping[str, Any], d_llm: int) -> tuple[EncoderShape, int]:
-    """(encoder shape, trainable adaptor parameters) of a modality config, without loading weights for
-    speech (Whisper table / tiny config, adaptor by formula); other modalities are instantiated and counted."""
-    target = str(modality_cfg.get("_target_", ""))
-    enc = None
-    if target.endswith("SpeechModality"):
-        tiny = modality_cfg.get("tiny")
-        if tiny:
-            from modality.speech.plugin import TINY_ENCODER
+    """(encoder shape, trainable adaptor parameters) of a modality config: the plugin's own ``planned_shapes``
+    (without loading weights) when it has them, else the plugin is instantiated and counted."""
+    from hydra.utils import get_object, instantiate
 
-            c = {**TINY_ENCODER, **(dict(tiny) if isinstance(tiny, Mapping) else {})}
-            enc = EncoderShape("whisper(tiny random)", c["d_model"], c["encoder_layers"], c["encoder_ffn_dim"],
-                               c["num_mel_bins"], c.get("max_source_positions", 1500))
-        else:
-            enc = whisper_shape(str(modality_cfg.get("encoder_name", "")))
-    if enc is not None:
-        d, s, hid = enc.d_model, int(modality_cfg.get("stack", 4)), int(modality_cfg.get("hidden", 1024))
-        first = d * s * hid + hid if modality_cfg.get("adaptor", "mlp") == "mlp" else d * hid * 2 * s + hid
-        return enc, first + hid * d_llm + d_llm
-    from hydra.utils import instantiate
-
+    planned = get_object(str(modality_cfg["_target_"])).planned_shapes(modality_cfg, d_llm)
+    if planned is not None:
+        return planned
     module = instantiate(modality_cfg, d_llm=d_llm)
     enc = EncoderShape(type(module).__name__ + " encoder", count=sum(p.numel() for p in module.encoder.parameters()))
     return enc, sum(p.numel() for p in module.adaptor.parameters())

@@ -8,11 +8,62 @@ methods below; a plugin's own Lightning hooks serve its standalone pretraining.
 from __future__ import annotations
 
 import abc
+import random
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
+
+
+class Objective(nn.Module):
+    name: str = "objective"  # its key in MultimodalLM.objectives is "<modality>_<name>"
+
+    """An auxiliary training objective a plugin adds to MultimodalLM (e.g. speech's CTC).
+
+    Its parameters are checkpointed with what trains (``objectives.<key>.*``); ``meta`` is what a checkpoint
+    chain carries to rebuild it; the core adds ``weight`` x each loss it returns, logs them by name, and logs
+    its validation metrics. ``embeddings`` is the LLM's input-embedding table [V, D].
+    """
+
+    def __init__(self, weight: float = 0.0):
+        super().__init__()
+        if weight < 0:
+            raise ValueError(f"objective weight must be >= 0, got {weight}")
+        self.weight = weight
+
+    def loss(self, outs: dict[str, tuple[Tensor, Tensor]], batch: dict, embeddings: Tensor) -> dict[str, Tensor]:
+        """Named losses from each modality's adaptor output (out [n, N, D], lengths [n])."""
+        return {}
+
+    def transform(self, name: str, out: Tensor, lengths: Tensor, embeddings: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Optionally rewrite a modality's adaptor output before the LLM reads it: (out [n, N, D] with each clip's
+        k kept positions first, k [n]); the core hides the N - k slots left over. None: unchanged."""
+        return None
+
+    def validation_batch(self, outs: dict[str, tuple[Tensor, Tensor]], batch: dict, embeddings: Tensor) -> None:
+        """Accumulate validation counts for one batch."""
+
+    def validation_metrics(self) -> dict[str, float]:
+        """The epoch's validation metrics (and reset the counts)."""
+        return {}
+
+    def meta(self) -> dict[str, Any]:
+        """Settings a checkpoint must carry so that a later stage rebuilds this objective."""
+        return {}
+
+
+class Decoder(abc.ABC):
+    """How a plugin's answers are written at evaluation, instead of the LLM's plain greedy generation."""
+
+    @abc.abstractmethod
+    def decode(self, model: Any, batch: dict, max_new_tokens: int) -> tuple[list[str], list[dict[str, Any]]]:
+        """A generate-mode batch -> (answer per sample, extra prediction-row fields per sample)."""
+
+    def metrics(self, rows: list[dict[str, Any]]) -> dict[str, float]:
+        """Metrics of its own over the prediction rows (with their extra fields)."""
+        return {}
 
 
 class Modality(L.LightningModule, abc.ABC):
@@ -83,8 +134,53 @@ class Modality(L.LightningModule, abc.ABC):
             hidden, lengths = self.encode_frozen(features, mask)
         return self.adapt(hidden, lengths)
 
-    def aux_loss(self, embeddings: Tensor, lengths: Tensor, batch: dict) -> Tensor | None:
-        """Optional auxiliary alignment loss (e.g. CTC); None when the plugin has none."""
+    # ------------------------------------------------------------------ extension points (defaults: none)
+    lr: float = 1e-3                   # a standalone stage (the plugin trains alone with its own Lightning hooks):
+    weight_decay: float = 0.0          # its optimiser settings, set from stage.optim
+    align_requires: str | None = None  # a stage whose checkpoint stage=align needs (a pretrained encoder), if any
+    cache_dir: str | None = None       # set by a plugin that caches its frozen encoder's outputs
+
+    def resolve(self, ref: Any, root: str | None = None) -> Any:
+        """The identity of an input (e.g. its absolute path): the key of the encoder cache."""
+        return ref
+
+    def precompute_cache(self, refs: list[Any]) -> dict[str, int]:
+        """Encode every input once, batched, before training (a plugin with ``cache_dir``); counts by outcome."""
+        return {}
+
+    def read_record(self, line: dict, where: str, rng: random.Random) -> dict | None:
+        """A record file line in this plugin's own format (e.g. a NeMo ASR manifest line) -> a conversation
+        record; None when the line is not in it."""
+        return None
+
+    def objectives(self, settings: Mapping[str, Any], inherited: Sequence[Mapping[str, Any]],
+                   train_records: Callable[[], list[dict]], tokenizer: Any, placeholder_id: int,
+                   trainable: bool) -> list["Objective"]:
+        """Auxiliary objectives this plugin adds to MultimodalLM. ``settings``: the stage config;
+        ``inherited``: the checkpoint chain's metadata, newest first (an objective a chain trained is rebuilt
+        from it); ``train_records``: the run's training records (read on demand); ``trainable``: whether the
+        adaptor trains in this stage."""
+        return []
+
+    def decoder(self, settings: Mapping[str, Any], objectives: Sequence["Objective"],
+                inherited: Sequence[Mapping[str, Any]], train_files: Sequence[str]) -> "Decoder | None":
+        """How this plugin's answers are written at evaluation (``settings``: the eval config); None: the LLM's
+        greedy generation."""
+        return None
+
+    def baselines(self, model: Any, datamodule: Any, out: Any, parts: Any, write: bool) -> dict[str, Any]:
+        """Reference scores beside the model's on the same evaluation records (e.g. the same LLM reading the input
+        written as text); ``parts`` (tasks.runner.RunParts) builds LLMs and trainers as the run does."""
+        return {}
+
+    def pretrain_report(self, datamodule: Any, out: Any) -> dict[str, Any]:
+        """After a standalone stage (e.g. stage=forecast): held-out metrics of what it trained (files into ``out``)."""
+        return {}
+
+    @classmethod
+    def planned_shapes(cls, cfg: Mapping[str, Any], d_llm: int) -> tuple[Any, int] | None:
+        """(llm.shapes.EncoderShape, trainable adaptor parameters) without loading weights, for the memory
+        planner; None: the planner instantiates the plugin and counts."""
         return None
 
     def configure_model(self) -> None:

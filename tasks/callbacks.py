@@ -10,6 +10,15 @@ from typing import Any
 import lightning as L
 
 
+def batch_size(batch: Any) -> int:
+    """Samples in a batch: a dict's token ids (or its first tensor), a tuple's first element."""
+    if isinstance(batch, dict):
+        first = batch["input_ids"] if "input_ids" in batch else next(
+            (v for v in batch.values() if hasattr(v, "shape") and len(v.shape)), None)
+        return len(first) if first is not None else 0
+    return len(batch[0]) if isinstance(batch, (list, tuple)) else 0
+
+
 class RunStats(L.Callback):
     """First/last training loss, steps, samples/s and parameter counts."""
 
@@ -36,8 +45,7 @@ class RunStats(L.Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None:
             self.losses.append(float(loss.detach()))
-        self.samples += len(batch["input_ids"]) if isinstance(batch, dict) and "input_ids" in batch else (
-            len(batch[0]) if isinstance(batch, (list, tuple)) else 0)
+        self.samples += batch_size(batch)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.seconds = self._before + time.perf_counter() - self.t0
@@ -67,8 +75,8 @@ class PeriodicEval(L.Callback):
     """
 
     def __init__(self, loader: Any, every_n_steps: int, max_new_tokens: int, path: str | Path | None = None,
-                 decode: Any = None):
-        self.loader, self.every, self.max_new_tokens, self.decode = loader, every_n_steps, max_new_tokens, decode
+                 num_beams: int = 1):
+        self.loader, self.every, self.max_new_tokens, self.num_beams = loader, every_n_steps, max_new_tokens, num_beams
         self.path = Path(path) if path is not None else None
         self.curve: list[dict[str, Any]] = []
         self.t0 = 0.0
@@ -93,7 +101,7 @@ class PeriodicEval(L.Callback):
 
         t = time.perf_counter()
         metrics = run_generation(pl_module, self.loader, self.max_new_tokens, desc=f"evaluate@{step}",
-                                 decode=self.decode, progress=zero)
+                                 num_beams=self.num_beams, progress=zero)
         self.t0 += time.perf_counter() - t  # the curve's clock counts training time only
         if not zero:
             self.curve.append({"step": step})

@@ -2,7 +2,7 @@
 
 Each checkpoint carries ``ckpt["mmlm"] = {stage, llm, modalities, parent}``; ``parent`` is the
 checkpoint it was initialised from. Loading walks that chain, so an instruct run gets the
-forecaster (forecast stage), the adaptor (align) and its own LoRA, each from where it trained.
+encoder a standalone stage pretrained, the adaptor (align) and its own LoRA, each from where it trained.
 """
 
 from __future__ import annotations
@@ -49,14 +49,8 @@ class TrainableOnlyCheckpoint(L.Callback):
         checkpoint[META_KEY] = dict(self.meta, trainable=sorted(keep))
 
 
-def load_chain(model: nn.Module, path: str | Path, llm_name: str | None, modality_names: list[str],
-               prefix_for_stage: dict[str, str] | None = None) -> list[Path]:
-    """Load ``path``'s weights (and its parents', oldest first) into ``model``; returns the chain.
-
-    ``prefix_for_stage`` maps a stage to the key prefix its weights need here (the forecast stage
-    trained a modality alone, so its keys gain ``modalities.<name>.``). Raises on an LLM or
-    modality mismatch, and on any key the model does not have.
-    """
+def read_chain(path: str | Path) -> list[tuple[Path, dict]]:
+    """``path``'s checkpoint and its parents', newest first, each read once (weights_only)."""
     chain: list[tuple[Path, dict]] = []
     p: Path | None = resolve_checkpoint(path)
     while p is not None:
@@ -66,6 +60,19 @@ def load_chain(model: nn.Module, path: str | Path, llm_name: str | None, modalit
         if parent and not Path(parent).exists():
             raise ValueError(f"{p}: its parent checkpoint {parent} is missing")
         p = Path(parent) if parent else None
+    return chain
+
+
+def load_chain(model: nn.Module, path: str | Path | list[tuple[Path, dict]], llm_name: str | None,
+               modality_names: list[str], prefix_for_stage: dict[str, str] | None = None) -> list[Path]:
+    """Load ``path``'s weights (and its parents', oldest first) into ``model``; returns the chain.
+    ``path``: a run dir / .ckpt, or the chain read_chain already read.
+
+    ``prefix_for_stage`` maps a stage to the key prefix its weights need here (a standalone stage
+    trained a modality alone, so its keys gain ``modalities.<name>.``). Raises on an LLM or
+    modality mismatch, and on any key the model does not have.
+    """
+    chain = path if isinstance(path, list) else read_chain(path)
     own = dict(model.named_parameters())
     for p, ckpt in reversed(chain):
         meta = ckpt[META_KEY]

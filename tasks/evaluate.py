@@ -48,7 +48,7 @@ def trim_repeats(text: str, min_copies: int = 3, max_period: int = 8) -> str:
     (the last copy may be cut short by max_new_tokens) keeps one copy. Why: greedy decoding of a
     half-trained model can loop until max_new_tokens ("are verifiable and are verifiable and ...", or
     hyphen-joined: "tony-troubled-troubled-..."), and each loop adds dozens of insertions to the WER, as
-    Whisper's compression-ratio check guards against. Both scores are reported (``wer`` on trimmed, ``wer_raw`` on raw predictions)."""
+    ASR decoders' compression-ratio checks guard against. Both scores are reported (``wer`` on trimmed, ``wer_raw`` on raw predictions)."""
     words = re.findall(r"[\s-]*[^\s-]+[\s-]*", text)  # each word with its separators: "a-b-b-b" loops too
     keys = [re.sub(r"[^a-z0-9']", "", w.lower()) for w in words]
     best = len(words)
@@ -98,61 +98,47 @@ def score(types: list[str], refs: list[str], preds: list[str]) -> dict[str, floa
 
 @torch.no_grad()
 def run_generation(model, loader, max_new_tokens: int, predictions_path: Path | None = None,
-                   desc: str = "evaluate", decode=None, progress: bool = True) -> dict[str, float]:
+                   desc: str = "evaluate", num_beams: int = 1, progress: bool = True) -> dict[str, float]:
     """Generate for every batch of ``loader`` (collator in generate mode); score and save predictions.
 
-    A model whose chain trained CTC classes also reports the adaptor's own greedy spelling (``ctc_wer``,
-    ``ctc_readout`` per row): what the speech says before the LLM reads it. ``decode`` (a
-    modality.speech.asr.decode.DecodeSpec): beam search and joint CTC/LLM rescoring of transcripts; each rescored row
-    then keeps its scored ``candidates``.
-
-    Under FSDP2 (llm.sharding.gathered) every rank runs it over the same loader, in step; give
-    ``predictions_path`` and ``progress`` on rank 0 only."""
+    A model with a ``decoder`` (modality.base.Decoder, from its plugin) writes its answers that way, with the
+    extra prediction-row fields and metrics the decoder adds; otherwise the LLM decodes greedily (or with
+    ``num_beams`` beams). Under FSDP2 (llm.sharding.gathered) every rank runs it over the same loader, in step;
+    give ``predictions_path`` and ``progress`` on rank 0 only."""
     from llm.sharding import gathered
 
     with gathered(model):
-        return _run_generation(model, loader, max_new_tokens, predictions_path, desc, decode, progress)
+        return _run_generation(model, loader, max_new_tokens, predictions_path, desc, num_beams, progress)
 
 
-def _run_generation(model, loader, max_new_tokens, predictions_path, desc, decode, progress) -> dict[str, float]:
-    from modality.speech.asr.decode import DecodeSpec, joint_decode
-
+def _run_generation(model, loader, max_new_tokens, predictions_path, desc, num_beams, progress) -> dict[str, float]:
     was_training = model.training
     model.eval()
+    decoder = model.decoder
     types, refs, preds, rows, skipped = [], [], [], [], []
-    spelled: list[tuple[str, str]] = []  # (reference, CTC readout) of transcript samples, when the chain has one
-    phonemes = getattr(model, "ctc_phonemes", None)  # a phoneme chain's readout is phonemes: counted as PER
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
         skipped += batch["skipped"]
         if batch["input_ids"].shape[0] == 0:
             continue
         batch = _to_device(batch, model.device)
-        if hasattr(model, "ctc_readout"):  # a MultimodalLM: the adaptor runs once for answer and readout
-            outs, readouts, cands = joint_decode(model, batch, max_new_tokens, decode or DecodeSpec(), WER_TYPES)
+        if decoder is not None:
+            outs, extras = decoder.decode(model, batch, max_new_tokens)
         else:
-            outs = model.generate(batch, max_new_tokens=max_new_tokens)
-            readouts = cands = [None] * len(outs)
-        for i, (t, r, p, c, cand) in enumerate(zip(batch["types"], batch["references"], outs, readouts, cands)):
+            outs = model.generate(batch, max_new_tokens=max_new_tokens, num_beams=num_beams)
+            extras = [{}] * len(outs)
+        for i, (t, r, p, extra) in enumerate(zip(batch["types"], batch["references"], outs, extras)):
             types.append(t)
             refs.append(r or "")
             preds.append(p)
             trimmed = trim_repeats(p)
             rows.append({"id": batch["ids"][i], "type": t, "reference": r, "prediction": trimmed,
-                         **({"raw_prediction": p} if trimmed != p else {}),
-                         **({"phoneme_readout" if phonemes else "ctc_readout": c} if c is not None else {}),
-                         **({"candidates": cand} if cand is not None else {})})
-            if c is not None and t in WER_TYPES:
-                spelled.append((r or "", c))
+                         **({"raw_prediction": p} if trimmed != p else {}), **extra})
     model.train(was_training)
     metrics = score(types, refs, [trim_repeats(p) for p in preds])
     if "wer" in metrics:
         metrics["wer_raw"] = score(types, refs, preds)["wer"]
-    if spelled and phonemes:  # the adaptor's own phonemes vs espeak-ng's for the reference
-        ref_ph = [model.phonemizer([r])[0] if normalize(r) else [] for r, _ in spelled]
-        errors = sum(edit_distance(t, c.split()) for t, (_, c) in zip(ref_ph, spelled))
-        metrics["ctc_per"] = round(errors / max(1, sum(len(t) for t in ref_ph)), 4)
-    elif spelled:  # the adaptor's own spelling (greedy CTC), beside what the LLM made of it
-        metrics["ctc_wer"] = round(wer([r for r, _ in spelled], [c for _, c in spelled]), 4)
+    if decoder is not None:
+        metrics.update(decoder.metrics(rows))
     metrics["trimmed_loops"] = sum("raw_prediction" in r for r in rows)
     metrics["eval_skipped"] = len(skipped)
     if predictions_path is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 import json
 import logging
 from pathlib import Path
@@ -12,25 +14,34 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
-from tqdm.auto import tqdm
+from omegaconf import DictConfig, OmegaConf
 
 from llm.lora import LoraSpec
 from llm.tokens import add_placeholder_tokens
 from tasks.callbacks import PeriodicEval, RunStats, StopFile
-from tasks.checkpoint import META_KEY, TrainableOnlyCheckpoint, load_chain, read_checkpoint, resolve_checkpoint
+from tasks.checkpoint import META_KEY, TrainableOnlyCheckpoint, load_chain, read_chain
 from tasks.evaluate import run_generation
-from modality.speech.asr.lexicon import word_decoder
-from modality.speech.asr.decode import DecodeSpec
 from tasks.multimodal import MultimodalLM, OptimSpec
 from tasks.stages import StagePolicy
-from modality.stock.baselines import run_text_baseline
 
 log = logging.getLogger(__name__)
 
 
 class UsageError(ValueError):
     """A run that cannot start as configured; train.py prints it as one line."""
+
+
+@dataclass
+class RunParts:
+    """What a plugin's baselines need to build models and trainers exactly as this run does (plain values and
+    factories: library code never reads the config)."""
+
+    seed: int
+    max_new_tokens: int
+    load_llm: Callable[[], Any]
+    lora: LoraSpec
+    optim: OptimSpec
+    make_trainer: Callable[..., L.Trainer]
 
 
 def instantiate_accepting(node: DictConfig, **runtime: Any) -> Any:
@@ -64,29 +75,20 @@ def build_trainer(cfg: DictConfig, out: Path, callbacks: list[L.Callback]) -> L.
                        logger=logger, default_root_dir=str(out))
 
 
-def _chain_metas(init_from: str) -> list[dict]:
-    """Metadata of ``init_from`` and its parents, newest first."""
-    metas, p = [], resolve_checkpoint(init_from)
-    while p is not None:
-        meta = read_checkpoint(p)[META_KEY]
-        metas.append(meta)
-        p = Path(meta["parent"]) if meta.get("parent") else None
-    return metas
-
-
 RUNTIME_MODALITY_KEYS = ("d_llm", "target_rms")  # filled from the LLM at run time, never inherited
 # what shapes the trained weights: an align run continuing an align run takes these from it
 ARCH_MODALITY_KEYS = ("encoder_name", "encoder_layers", "stack", "adaptor", "hidden", "layers", "heads")
 
 
-def _inherit_modality(cfg: DictConfig, metas: list[dict], keys: tuple[str, ...] | None = None) -> list[str]:
+def _inherit_modality(cfg: DictConfig, metas: list[dict], keys: tuple[str, ...] | None = None) -> dict[str, Any]:
     """stage=evaluate / instruct build the modality as the chain trained it (adaptor kind, widths, compression,
     ...), so ``stage=instruct|evaluate init_from=<run>`` works for any run; keys given on the command line win.
     An align run continuing an align run takes only ``keys`` (the architecture, ARCH_MODALITY_KEYS): it may
-    change compression or masking on purpose. Returns the keys taken from the checkpoint."""
+    change compression or masking on purpose. Returns the settings taken from the checkpoint (the composed
+    config is not changed: the builder applies them)."""
     saved = next((m["modality_cfg"] for m in metas if m.get("modality_cfg")), None)
     if not saved or saved.get("_target_") != cfg.modality.get("_target_"):
-        return []
+        return {}
     try:
         from hydra.core.hydra_config import HydraConfig
 
@@ -94,20 +96,15 @@ def _inherit_modality(cfg: DictConfig, metas: list[dict], keys: tuple[str, ...] 
                  if o.lstrip("+~").startswith("modality.")}
     except ValueError:  # no Hydra run (a plain compose): nothing was given on a command line
         given = set()
-    taken = []
-    with open_dict(cfg):
-        for k, v in saved.items():
-            if k not in given and k not in RUNTIME_MODALITY_KEYS and (keys is None or k in keys) and cfg.modality.get(k) != v:
-                cfg.modality[k] = v
-                taken.append(k)
-    return taken
+    return {k: v for k, v in saved.items()
+            if k not in given and k not in RUNTIME_MODALITY_KEYS and (keys is None or k in keys) and cfg.modality.get(k) != v}
 
 
 def _prerequisite(cfg: DictConfig, policy: StagePolicy, modality: Any, metas: list[dict]) -> list[dict]:
     """``metas`` (the init_from chain's, newest first), after checking the stage may start."""
     needs = policy.requires
-    if policy.name == "align" and getattr(modality, "requires_pretrained_encoder", False):
-        needs = "forecast"
+    if policy.name == "align" and modality.align_requires:
+        needs = modality.align_requires
     if not cfg.get("init_from"):
         if needs and not cfg.get("allow_no_init"):
             raise UsageError(f"stage={policy.name} modality={modality.name} needs init_from=<a {needs} run dir "
@@ -120,10 +117,9 @@ def _prerequisite(cfg: DictConfig, policy: StagePolicy, modality: Any, metas: li
     return metas
 
 
-def _check_scale(cfg: DictConfig) -> None:
-    """World size, precision and quant backend checked before any work (llm.sharding.check_scale).
-
-    data.batch_size is per device; +global_batch_size=N sets it to N / (world x accumulate), exactly.
+def _check_scale(cfg: DictConfig) -> int:
+    """World size, precision and quant backend checked before any work (llm.sharding.check_scale); returns the
+    per-device batch: data.batch_size, or with +global_batch_size=N, N / (world x accumulate), exactly.
     """
     from llm.sharding import check_scale
 
@@ -132,8 +128,7 @@ def _check_scale(cfg: DictConfig) -> None:
                         num_nodes=t.get("num_nodes", 1), precision=t.get("precision", "32-true"),
                         quant=cfg.llm.model.get("quant"), batch_size=cfg.data.get("batch_size", 1),
                         global_batch_size=cfg.get("global_batch_size"), accumulate=t.get("accumulate_grad_batches", 1))
-    if cfg.get("global_batch_size"):
-        cfg.data.batch_size = scale.per_device_batch
+    return scale.per_device_batch
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -143,98 +138,84 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     policy = stage_policy(cfg)
-    _check_scale(cfg)
-    if policy.name == "forecast":
-        from modality.stock.forecast_stage import run_forecast
+    batch_size = _check_scale(cfg)
+    if policy.standalone:
+        return _run_standalone(cfg, out, policy, batch_size)
 
-        return _write_metrics(out, run_forecast(cfg, out, instantiate_accepting, build_trainer))
-
-    chain_metas = _chain_metas(cfg.init_from) if cfg.get("init_from") else []  # read once: checkpoints are large
-    if chain_metas:
-        keys = ARCH_MODALITY_KEYS if policy.name == "align" else None
-        if taken := _inherit_modality(cfg, chain_metas, keys):
-            log.info("%s: modality settings from the checkpoint: %s", policy.name, {k: cfg.modality[k] for k in taken})
+    chain_ckpts = read_chain(cfg.init_from) if cfg.get("init_from") else []  # read once: the one chain record
+    chain_metas = [ckpt[META_KEY] for _, ckpt in chain_ckpts]
+    taken = _inherit_modality(cfg, chain_metas, ARCH_MODALITY_KEYS if policy.name == "align" else None)
+    if taken:
+        log.info("%s: modality settings from the checkpoint: %s", policy.name, taken)
+    modality_cfg = OmegaConf.merge(cfg.modality, taken)  # a new node: the composed config stays as composed
     lm = instantiate(cfg.llm.model)
-    modality = instantiate_accepting(cfg.modality, d_llm=lm.hidden_size, target_rms=lm.embedding_rms)
+    modality = instantiate_accepting(modality_cfg, d_llm=lm.hidden_size, target_rms=lm.embedding_rms)
     modalities = {modality.name: modality}
     metas = _prerequisite(cfg, policy, modality, chain_metas)
     lora_meta = next((m["lora"] for m in metas if m.get("lora")), None)
     lora = LoraSpec(**(lora_meta or OmegaConf.to_container(cfg.llm.lora)))
+    system_prompt = cfg.data.get("system_prompt")
     if policy.name == "evaluate":  # evaluate what the chain trained, nothing more
         policy = StagePolicy("evaluate", encoder=False, adaptor=False, lora=bool(lora_meta))
-        inherited = next((m["system_prompt"] for m in metas if m.get("system_prompt") is not None), None)
-        if cfg.data.get("system_prompt") is None and inherited is not None:
-            with open_dict(cfg):  # prompt the way the run was trained (data.system_prompt overrides)
-                cfg.data.system_prompt = inherited
+        if system_prompt is None:  # prompt the way the run was trained (data.system_prompt overrides)
+            system_prompt = next((m["system_prompt"] for m in metas if m.get("system_prompt") is not None), None)
     placeholder_ids = add_placeholder_tokens(lm.tokenizer, lm.model, [m.placeholder for m in modalities.values()])
+    ids = {k: placeholder_ids[m.placeholder] for k, m in modalities.items()}
+    dm = instantiate_accepting(cfg.data, tokenizer=lm.tokenizer, modalities=modalities, placeholder_ids=ids,
+                               batch_size=batch_size, system_prompt=system_prompt)
+
+    def train_records() -> list[dict]:  # read only by an objective that derives its classes from them
+        dm.prepare_data()
+        return dm.records("train")
+
+    objectives = {f"{name}_{o.name}": o for name, m in modalities.items()
+                  for o in m.objectives(dict(cfg.stage), metas, train_records, lm.tokenizer, ids[name], policy.adaptor)}
     optim = OptimSpec(**OmegaConf.to_container(cfg.stage.optim)) if "optim" in cfg.stage else OptimSpec()
-    model = MultimodalLM(lm.model, lm.tokenizer, modalities, {k: placeholder_ids[m.placeholder] for k, m in modalities.items()},
-                         policy, lora=lora, optim=optim, aux_weight=cfg.stage.get("aux_weight", 0.0), llm_name=lm.name,
-                         ctc_weight=cfg.stage.get("ctc_weight", 0.0), lm_weight=cfg.stage.get("lm_weight", 1.0))
-    # the CTC classes the chain's adaptor was trained against (and its classifier, which the chain holds)
-    inherited = next((m for m in metas if m.get("ctc_vocab") or m.get("ctc_phonemes")), None)
-    if inherited is not None and inherited.get("ctc_phonemes"):
-        model.set_ctc_phonemes(inherited["ctc_phonemes"], inherited.get("ctc_language") or "en-us")
-    elif inherited is not None:
-        model.set_ctc_vocab(torch.tensor(inherited["ctc_vocab"], dtype=torch.long), inherited.get("ctc_classifier", "cosine"))
+    model = MultimodalLM(lm.model, lm.tokenizer, modalities, ids, policy, lora=lora, optim=optim, llm_name=lm.name,
+                         lm_weight=cfg.stage.get("lm_weight", 1.0), objectives=objectives)
     chain: list[Path] = []
     if cfg.get("init_from"):
-        chain = load_chain(model, cfg.init_from, lm.name, list(modalities),
-                           prefix_for_stage={"forecast": f"modalities.{modality.name}."})
-    dm = instantiate(cfg.data, tokenizer=lm.tokenizer, modalities=modalities, placeholder_ids=model.placeholder_ids)
+        standalone = {m["stage"]: f"modalities.{modality.name}." for m in metas if not m.get("llm")}
+        chain = load_chain(model, chain_ckpts, lm.name, list(modalities), prefix_for_stage=standalone)
     dm.prepare_data()
     _precompute_caches(dm, modalities)
-    if inherited is None and model.ctc_weight > 0 and cfg.stage.get("ctc_vocab", "full") == "corpus":
-        model.set_ctc_vocab(_corpus_ctc_vocab(dm, lm.tokenizer, list(model.placeholder_ids.values()),
-                                              cfg.stage.get("ctc_min_count", 1)), cfg.stage.get("ctc_classifier", "cosine"))
-    if inherited is None and model.ctc_weight > 0 and cfg.stage.get("ctc_vocab", "full") == "phonemes":
-        from modality.speech.asr.phonemes import Phonemizer
-
-        language = cfg.stage.get("ctc_language", "en-us")
-        ph = Phonemizer(language)  # its cache then holds every train transcript's targets
-        model.set_ctc_phonemes(_phoneme_classes(dm, ph), language, phonemizer=ph)
     metrics: dict[str, Any] = {"stage": policy.name, "modality": modality.name, "llm": lm.name,
-                               "init_from": [str(p) for p in chain], "system_prompt": cfg.data.get("system_prompt")}
-    if model.ctc_vocab is not None:
-        metrics["ctc_vocab"] = len(model.ctc_vocab)
-    if model.ctc_phonemes:
-        metrics["ctc_phonemes"] = len(model.ctc_phonemes)
+                               "init_from": [str(p) for p in chain], "system_prompt": system_prompt}
+    objective_meta = {k: v for o in objectives.values() for k, v in o.meta().items()}
+    metrics.update({k: len(v) for k, v in objective_meta.items() if isinstance(v, list)})  # e.g. class counts
     ev = cfg.get("eval", {})
-    decode = DecodeSpec(int(ev.get("num_beams", 1)), float(ev.get("ctc_weight", 0.0)), float(ev.get("length_bonus", 0.0)),
-                        int(ev.get("ctc_beams", 0)), int(ev.get("score_batch", 0)))
     eval_loader = dm.eval_dataloader()
-    if model.ctc_phonemes and eval_loader is not None:  # words from phonemes: lexicon + word LM (modality.speech.asr.lexicon)
-        model.word_decoder = word_decoder(model.ctc_phonemes, model.phonemizer, ev.get("lexicon", {}),
-                                          next((m["train_files"] for m in metas if m.get("train_files")), None)
-                                          or _train_files(cfg))
+    train_files = next((m["train_files"] for m in metas if m.get("train_files")), None) or _train_files(cfg)
+    if eval_loader is not None:
+        model.decoder = modality.decoder(dict(ev), list(objectives.values()), metas, train_files)
+    beams = int(ev.get("num_beams", 1))
+    parts = RunParts(seed=cfg.seed, max_new_tokens=int(ev.get("max_new_tokens", 64)),
+                     load_llm=lambda: instantiate(cfg.llm.model), lora=LoraSpec(**OmegaConf.to_container(cfg.llm.lora)),
+                     optim=optim, make_trainer=lambda **kw: instantiate(cfg.trainer, **kw))
     if policy.name == "evaluate":
         if eval_loader is None:
             raise UsageError("stage=evaluate needs data.eval_manifest=<records file>")
-        metrics.update(run_generation(model, eval_loader, ev.get("max_new_tokens", 64), out / "predictions.jsonl",
-                                           decode=decode))
-        metrics.update(run_text_baseline(cfg, model, dm, out))  # {} unless data.text_baseline is set
+        metrics.update(run_generation(model, eval_loader, parts.max_new_tokens, out / "predictions.jsonl",
+                                      num_beams=beams))
+        metrics.update(modality.baselines(model, dm, out, parts, write=True))
         return _write_metrics(out, metrics)
     if eval_loader is not None and ev.get("before", False):
         zero = rank_zero_only.rank == 0  # every launched rank runs this, before any weights are sharded
-        before = run_generation(model, eval_loader, ev.get("max_new_tokens", 64),
+        before = run_generation(model, eval_loader, parts.max_new_tokens,
                                 out / "predictions_before.jsonl" if zero else None, desc="evaluate (before)",
-                                decode=decode, progress=zero)
+                                num_beams=beams, progress=zero)
         metrics.update({f"before/{k}": v for k, v in before.items()})
         log.info("before training: %s", before)
     stats = RunStats()
     extra: list[L.Callback] = []
     if eval_loader is not None and ev.get("every_n_steps"):
-        curve = PeriodicEval(eval_loader, int(ev.every_n_steps), ev.get("max_new_tokens", 64), out / "curve.jsonl",
-                             decode=decode)
+        curve = PeriodicEval(eval_loader, int(ev.every_n_steps), parts.max_new_tokens, out / "curve.jsonl",
+                             num_beams=beams)
         extra.append(curve)
     meta = {"stage": policy.name, "llm": lm.name, "modalities": list(modalities),
             "parent": str(chain[0]) if chain else None, "lora": OmegaConf.to_container(cfg.llm.lora) if policy.lora else None,
-            "system_prompt": cfg.data.get("system_prompt"),
-            "ctc_vocab": model.ctc_vocab.tolist() if model.ctc_vocab is not None else None,
-            "ctc_classifier": model.ctc_classifier,
-            "ctc_phonemes": model.ctc_phonemes, "ctc_language": model.ctc_language,
-            "train_files": _train_files(cfg),
-            "modality_cfg": {k: v for k, v in OmegaConf.to_container(cfg.modality, resolve=True).items()
+            "system_prompt": system_prompt, **objective_meta, "train_files": _train_files(cfg),
+            "modality_cfg": {k: v for k, v in OmegaConf.to_container(modality_cfg, resolve=True).items()
                              if k not in RUNTIME_MODALITY_KEYS}}
     stop = StopFile(out / "STOP")
     trainer = build_trainer(cfg, out, [stats, TrainableOnlyCheckpoint(meta), stop, *extra])
@@ -254,16 +235,56 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics["llm_mb"] = round(sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20, 1)
     zero = trainer.is_global_zero  # every rank evaluates, in step (weights may be sharded); rank 0 writes
     if eval_loader is not None:
-        metrics.update(run_generation(model, eval_loader, ev.get("max_new_tokens", 64),
-                                      out / "predictions.jsonl" if zero else None, decode=decode, progress=zero))
-        metrics.update(run_text_baseline(cfg, model, dm, out, write=zero))  # {} unless data.text_baseline is set
+        metrics.update(run_generation(model, eval_loader, parts.max_new_tokens,
+                                      out / "predictions.jsonl" if zero else None, num_beams=beams, progress=zero))
+        metrics.update(modality.baselines(model, dm, out, parts, write=zero))
     return _write_metrics(out, metrics) if zero else metrics
+
+
+def _run_standalone(cfg: DictConfig, out: Path, policy: StagePolicy, batch_size: int) -> dict[str, Any]:
+    """A stage in which the modality trains alone (e.g. stage=forecast): its encoder, with the plugin's own
+    Lightning hooks, on ``cfg.data``; then the plugin's held-out report."""
+    from llm.sharding import full_state_dict, is_sharded
+
+    modality = instantiate_accepting(cfg.modality, d_llm=None, target_rms=None)
+    if type(modality).training_step is L.LightningModule.training_step:
+        raise UsageError(f"stage={policy.name} pretrains a modality's own encoder; modality={modality.name} has none "
+                         f"to pretrain (use stage=align)")
+    if not policy.encoder:
+        raise UsageError(f"stage={policy.name} with stage.encoder=false has nothing to train")
+    modality.set_trainable(encoder=True, adaptor=False)
+    if (optim := cfg.stage.get("optim")) is not None:  # stage.optim sets the lr of every stage, this one included
+        modality.lr = float(optim.get("lr", modality.lr))
+        modality.weight_decay = float(optim.get("weight_decay", modality.weight_decay))
+    modality.strict_loading = False  # checkpoints hold only what trains
+    chain = load_chain(modality, cfg.init_from, None, [modality.name]) if cfg.get("init_from") else []
+    dm = instantiate_accepting(cfg.data, batch_size=batch_size)
+    dm.setup()
+    meta = {"stage": policy.name, "llm": None, "modalities": [modality.name],
+            "parent": str(chain[0]) if chain else None, "lora": None}
+    stats = RunStats()
+    trainer = build_trainer(cfg, out, [stats, TrainableOnlyCheckpoint(meta)])
+    trainer.fit(modality, datamodule=dm, ckpt_path=cfg.get("resume"))
+    metrics: dict[str, Any] = {"stage": policy.name, "modality": modality.name, "llm": None,
+                               "init_from": [str(p) for p in chain], **stats.summary(trainer, modality)}
+    last = out / "checkpoints" / "last.ckpt"
+    if last.exists():
+        metrics["checkpoint_mb"] = round(last.stat().st_size / 2**20, 3)
+    if is_sharded(modality.encoder):  # trainer=fsdp: gather the weights (all ranks) into an unsharded copy
+        weights = full_state_dict(modality.encoder)
+        if trainer.is_global_zero:
+            modality = instantiate_accepting(cfg.modality, d_llm=None, target_rms=None)
+            modality.encoder.load_state_dict(weights)
+    if not trainer.is_global_zero:
+        return metrics
+    metrics.update(modality.pretrain_report(dm, out))
+    return _write_metrics(out, metrics)
 
 
 def _precompute_caches(dm: Any, modalities: dict[str, Any]) -> None:
     """Encode every clip the run will read once, batched, before training (frozen encoders only)."""
     for name, m in modalities.items():
-        if dm.skip_bad or not (getattr(m, "cache_dir", None) and hasattr(m, "precompute_cache") and m.encoder_frozen):
+        if dm.skip_bad or not (m.cache_dir and m.encoder_frozen):
             continue
         refs = {}
         for split in ("train", "val", "eval"):
@@ -272,38 +293,6 @@ def _precompute_caches(dm: Any, modalities: dict[str, Any]) -> None:
                     refs[str(m.resolve(ref, rec.get("root")))] = None
         counts = m.precompute_cache(list(refs))
         log.info("%s encoder cache: %s", name, counts)
-
-
-def _corpus_ctc_vocab(dm: Any, tokenizer: Any, blank_ids: list[int], min_count: int = 1) -> torch.Tensor:
-    """The tokens of the TRAIN transcripts seen >= min_count times, single characters, blanks: stage.ctc_vocab=corpus.
-
-    Train only: a class no training sample spells cannot be learned, and val may be held-out data."""
-    from data.collate import ctc_target
-    from modality.speech.asr.ctc import corpus_vocab, single_char_tokens
-
-    targets = [t for r in dm.records("train") if (t := ctc_target(tokenizer, r))]
-    vocab = corpus_vocab(targets, blank_ids, min_count, always=single_char_tokens(tokenizer))
-    log.info("CTC over the corpus vocabulary: %d of %d tokens (seen >= %d times, + single characters)",
-             len(vocab), len(tokenizer), min_count)
-    return vocab
-
-
-def _phoneme_classes(dm: Any, ph: Any) -> list[str]:
-    """stage.ctc_vocab=phonemes: every phoneme espeak-ng says in the TRAIN transcripts (blank first)."""
-    from modality.speech.asr.phonemes import phoneme_inventory
-
-    texts = sorted({r["reference"] for r in dm.records("train") if r.get("type") == "asr" and r.get("reference")})
-    seqs = [s for t in tqdm(texts, desc="phonemes", unit="text", leave=False) for s in _safe_phonemes(ph, t)]
-    classes = phoneme_inventory(seqs)
-    log.info("CTC over %d espeak-ng phonemes (%s) of %d train transcripts", len(classes) - 1, ph.language, len(texts))
-    return classes
-
-
-def _safe_phonemes(ph: Any, text: str) -> list[list[str]]:
-    try:
-        return ph([text])
-    except ValueError:
-        return []
 
 
 def _train_files(cfg: DictConfig) -> list[str]:

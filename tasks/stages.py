@@ -14,13 +14,14 @@ class StagePolicy:
     adaptor: bool = True       # modality adaptors train
     lora: bool = False         # LoRA on the LLM trains
     requires: str | None = None  # the stage whose checkpoint init_from must point at
+    standalone: bool = False   # the modality trains alone with its own Lightning hooks (no LLM): its encoder
 
     def __post_init__(self) -> None:
-        if self.name not in STAGE_NAMES:
-            raise ValueError(f"stage={self.name!r}: expected one of {STAGE_NAMES}")
-
-
-STAGE_NAMES = ("forecast", "align", "instruct", "evaluate")
+        if not self.name:
+            raise ValueError("a stage needs a name")
+        if self.standalone and (self.adaptor or self.lora):
+            raise ValueError(f"stage={self.name}: a standalone stage trains the modality's encoder alone (no adaptor, "
+                             f"no LoRA)")
 
 
 def apply_stage(llm: nn.Module, modalities: nn.ModuleDict, policy: StagePolicy) -> None:

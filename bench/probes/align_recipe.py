@@ -34,7 +34,7 @@ def main() -> None:
 
     from data.collate import ConversationCollator, ctc_target
     from data.dataset import ConversationDataset
-    from data.records import read_records
+    from modality.speech.records import read_speech_records
     from data.samplers import LengthGroupedSampler, record_length
     from llm.loader import load_llm
     from llm.tokens import add_placeholder_tokens
@@ -50,7 +50,7 @@ def main() -> None:
     model = MultimodalLM(lm.model, lm.tokenizer, {"speech": sp}, {"speech": ids["<speech>"]}, StagePolicy("align"),
                          ctc_weight=0.3)
     model.train()
-    recs = read_records(Path(args.manifest), ("speech",))
+    recs = read_speech_records(Path(args.manifest))
     vocab = corpus_vocab([t for r in recs if (t := ctc_target(lm.tokenizer, r))], [ids["<speech>"]])
     n = args.batches * args.batch
     rnd = list(range(len(recs)))

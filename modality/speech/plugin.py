@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +27,12 @@ from torch import Tensor, nn
 
 from modality.speech.audio import audio_info, load_audio
 from modality.base import Modality
+from modality.speech.adaptor import SpeechAdaptor, encoder_states
+from modality.speech.records import manifest_record
+from modality.speech.shapes import TINY_ENCODER
 
 SAMPLE_RATE, N_FFT, HOP = 16000, 400, 160  # Whisper's front end: 25 ms window, 10 ms hop
 PACKAGED = "packaged:whisper-tiny.en"
-TINY_ENCODER = {"d_model": 16, "encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 32, "num_mel_bins": 80}
 
 
 @dataclass
@@ -105,88 +106,15 @@ def _load_encoder(encoder_name: str, tiny: bool | dict) -> nn.Module:
     return encoder
 
 
-class SpeechAdaptor(nn.Module):
-    """Frame stacking + 2-layer MLP (or strided Conv1d, or a small transformer) -> d_llm, then an
-    optional fixed-RMS LayerNorm.
-
-    ``target_rms`` rescales each output vector to the RMS of the LLM's token embeddings, so the
-    frozen LLM sees inputs on the scale it was trained on from the first step. ``transformer`` adds
-    self-attention over the stacked positions: an MLP position sees only its own 80 ms, while a
-    word's sub-word tokens span several positions (see bench/probes/ctc_probe.py for the measured effect).
-    """
-
-    def __init__(self, d_in: int, d_llm: int, stack: int, hidden: int, kind: str, target_rms: float | None,
-                 layers: int = 2, heads: int = 8, n_states: int = 1):
-        super().__init__()
-        self.stack, self.kind, self.target_rms, self.n_states = stack, kind, target_rms, n_states
-        # several encoder states come in side by side, each layer-normed (their scales differ), and the input
-        # projection reads them all. Measured: a softmax-weighted sum of them (SUPERB-style, mean at start) learned
-        # far slower (held-out CTC WER 96.6 % vs 65.9 % at step 200): its weights move ~lr per step
-        d_in = d_in * n_states
-        if kind in ("mlp", "transformer"):
-            self.fc1 = nn.Linear(d_in * stack, hidden)
-        else:  # kernel 2*stack, stride stack: each output sees its own block plus half a block either side
-            self.conv = nn.Conv1d(d_in, hidden, kernel_size=2 * stack, stride=stack)
-        if kind == "transformer":
-            layer = nn.TransformerEncoderLayer(hidden, heads, 2 * hidden, dropout=0.1, activation="gelu",
-                                               batch_first=True, norm_first=True)
-            self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.fc2 = nn.Linear(hidden, d_llm)
-        self.norm = nn.LayerNorm(d_llm, elementwise_affine=False) if target_rms is not None else None
-
-    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
-        """x [B, T, H] with T a multiple of ``stack`` and zeros past each length -> [B, T / stack, d_llm].
-
-        ``lengths`` (output positions per row) masks padded positions out of the transformer's attention.
-        """
-        if self.n_states > 1:
-            x = self.norm_states(x)
-        b, t, h = x.shape
-        s = self.stack
-        if self.kind == "conv":
-            y = self.conv(F.pad(x.transpose(1, 2), (s // 2, s - s // 2))).transpose(1, 2)  # [B, T/s, hidden]
-        else:
-            y = self.fc1(x.reshape(b, t // s, s * h))  # [B, T, H] -> [B, T/s, s*H] -> [B, T/s, hidden]
-        if self.kind == "transformer":
-            pad = None if lengths is None else torch.arange(t // s, device=y.device)[None, :] >= lengths[:, None].to(y.device)
-            y = self.blocks(y, src_key_padding_mask=pad)  # [B, T/s, hidden]
-        y = self.fc2(F.gelu(y))
-        if self.norm is not None:
-            y = self.norm(y) * self.target_rms
-        return y
-
-    def norm_states(self, x: Tensor) -> Tensor:
-        """[B, T, K*H] (K encoder states side by side) -> the same with each state layer-normed; zero rows stay zero."""
-        b, t, kh = x.shape
-        return F.layer_norm(x.view(b, t, self.n_states, kh // self.n_states), (kh // self.n_states,)).view(b, t, kh)
-
-
-def encoder_states(spec: str | Iterable[int], n_layers: int) -> tuple[int, ...]:
-    """modality.encoder_layers -> hidden-state indices (0 = conv + positions, i = after layer i).
-
-    "last" (the final layer, layer-normed, as Whisper's decoder reads it), "all", or a list of indices.
-    Why earlier states: Whisper's last layer is shaped for its own decoder; the layers below keep more of the
-    sound (SUPERB: ASR probes read middle layers best), which voices unlike Whisper's training data may need.
-    """
-    if spec == "last":
-        return (n_layers,)
-    if spec == "all":
-        return tuple(range(n_layers + 1))
-    ids = tuple(int(i) for i in (spec.split(",") if isinstance(spec, str) else spec))  # a list or Hydra ListConfig
-    if not ids or sorted(set(ids)) != list(ids) or ids[0] < 0 or ids[-1] > n_layers:
-        raise ValueError(f"encoder_layers must be 'last', 'all' or increasing indices in 0..{n_layers}, got {spec!r}")
-    return ids
-
-
 def compress_mode(value: bool | str | None) -> str | bool:
-    """modality.ctc_compress: false | true (= "mean") | "mean" | "soft" | "hard" -> False or the mode."""
+    """modality.ctc_compress: false | true (= "mean") | "mean" | "soft" -> False or the mode."""
     if value in (None, False, "false", "none"):
         return False
     if value is True or value in ("true", "mean"):
         return "mean"
-    if value in ("soft", "hard"):
+    if value == "soft":
         return value
-    raise ValueError(f"ctc_compress must be false, true/'mean', 'soft' or 'hard', got {value!r}")
+    raise ValueError(f"ctc_compress must be false, true/'mean' or 'soft', got {value!r}")
 
 
 class SpeechModality(Modality):
@@ -220,8 +148,7 @@ class SpeechModality(Modality):
         self.encoder_name = "tiny" if tiny else encoder_name
         self.cache_dir = cache_dir
         # MultimodalLM drops CTC blanks and merges repeats (modality.speech.asr.ctc): "mean" of the adaptor outputs, or
-        # "soft": each position's class distribution mapped through the LLM's embedding rows (text it knows);
-        # "hard": the argmax class's row (the LLM reads the greedy readout as text)
+        # "soft": each position's class distribution mapped through the LLM's embedding rows (text it knows)
         self.ctc_compress = compress_mode(ctc_compress)
         if not 0 <= time_mask < 1:
             raise ValueError(f"time_mask must be in [0, 1), got {time_mask}")
@@ -402,3 +329,24 @@ class SpeechModality(Modality):
 
     def extra_repr(self) -> str:
         return f"encoder={self.encoder_name!r}, {asdict(self.hp)}"
+
+    # ------------------------------------------------------------------ extension points (modality.base)
+    def read_record(self, line: dict, where: str, rng: Any) -> dict | None:
+        return manifest_record(line, where, rng, self.name, self.placeholder)
+
+    def objectives(self, settings, inherited, train_records, tokenizer, placeholder_id, trainable) -> list:
+        from modality.speech.asr.objective import build_ctc_objective
+
+        ctc = build_ctc_objective(self, settings, inherited, train_records, tokenizer, placeholder_id, trainable)
+        return [] if ctc is None else [ctc]
+
+    def decoder(self, settings, objectives, inherited, train_files) -> Any:
+        from modality.speech.asr.decoder import build_speech_decoder
+
+        return build_speech_decoder(settings, objectives, train_files)
+
+    @classmethod
+    def planned_shapes(cls, cfg: Any, d_llm: int) -> Any:
+        from modality.speech.shapes import speech_shapes
+
+        return speech_shapes(cfg, d_llm)

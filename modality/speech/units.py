@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from modality.base import Modality
+from modality.speech.records import manifest_record
 from modality.speech.plugin import PACKAGED, SAMPLE_RATE, SpeechModality
 
 log = logging.getLogger(__name__)
@@ -252,6 +253,9 @@ class SpeechUnitsModality(Modality):
         return torch.tensor(out, dtype=torch.long)
 
     # ------------------------------------------------------------------ data side
+    def read_record(self, line: dict, where: str, rng: Any) -> dict | None:
+        return manifest_record(line, where, rng, self.name, self.placeholder)
+
     def resolve(self, ref: Any, root: str | None = None) -> Path:
         return self.front.resolve(ref, root)
 

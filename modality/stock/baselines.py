@@ -30,7 +30,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from data.collate import ConversationCollator
@@ -72,12 +71,12 @@ def text_loader(records: list[dict], tokenizer: Any, batch_size: int, max_length
     return DataLoader(ConversationDataset(records, {}), batch_size=batch_size, shuffle=shuffle, collate_fn=collate)
 
 
-def run_text_baseline(cfg: DictConfig, model: Any, dm: Any, out: Path, write: bool = True) -> dict[str, Any]:
+def run_text_baseline(model: Any, dm: Any, out: Path, parts: Any, write: bool = True) -> dict[str, Any]:
     """Text baselines next to ``model`` on ``dm``'s eval records; {} unless ``dm.text_baseline`` is set.
-    In a multi-process run every rank runs it in step (sharded weights, the text LoRA's own fit); only the
-    ``write`` rank writes files."""
+    ``parts`` (tasks.runner.RunParts) builds the LLM and trainer as the run does. In a multi-process run every
+    rank runs it in step (sharded weights, the text LoRA's own fit); only the ``write`` rank writes files."""
     settings = getattr(dm, "text_baseline", None)
-    if not settings or "stock" not in model.modalities or not dm.files.get("eval"):
+    if not settings or not dm.files.get("eval"):
         return {}
     spec = TextBaselineSpec(**settings)
     load = model.modalities["stock"].load
@@ -88,7 +87,7 @@ def run_text_baseline(cfg: DictConfig, model: Any, dm: Any, out: Path, write: bo
     metrics: dict[str, Any] = {}
     types, refs = [r.get("type", "chat") for r in eval_recs], [r.get("reference") or "" for r in eval_recs]
     metrics.update({f"majority/{k}": v for k, v in majority(types, refs).items() if k != "eval_samples"})
-    max_new = int(cfg.get("eval", {}).get("max_new_tokens", 64))
+    max_new = parts.max_new_tokens
     loader = text_loader(eval_recs, model.tokenizer, dm.eval_batch_size, spec.max_length, generate=True)
     if spec.zero_shot:
         with base_llm(model.llm):
@@ -97,41 +96,38 @@ def run_text_baseline(cfg: DictConfig, model: Any, dm: Any, out: Path, write: bo
         metrics.update({f"text_zero_shot/{k}": v for k, v in m.items()})
     if spec.train_lora and model.stage.name == "instruct" and dm.files.get("train"):
         train_recs = [as_text_record(r, load, **render) for r in dm.records("train")]
-        metrics.update(train_text_lora(cfg, train_recs, eval_recs, dm, spec, out, write))
+        metrics.update(train_text_lora(parts, train_recs, eval_recs, dm, spec, out, write))
     return metrics
 
 
-def train_text_lora(cfg: DictConfig, train_recs: list[dict], eval_recs: list[dict], dm: Any,
+def train_text_lora(parts: Any, train_recs: list[dict], eval_recs: list[dict], dm: Any,
                     spec: TextBaselineSpec, out: Path, write: bool = True) -> dict[str, Any]:
     """Fresh LoRA on a second copy of the base LLM, trained on text records with the run's budget."""
-    from hydra.utils import instantiate
     from lightning.pytorch.callbacks import RichProgressBar
 
-    from llm.lora import LoraSpec
     from llm.tokens import add_placeholder_tokens
     from tasks.callbacks import RunStats
-    from tasks.multimodal import MultimodalLM, OptimSpec
+    from tasks.multimodal import MultimodalLM
     from tasks.stages import StagePolicy
 
     if write:
         write_records(train_recs, out / "text_baseline" / "train.jsonl")
-    L.seed_everything(cfg.seed, workers=True)
-    lm = instantiate(cfg.llm.model)
+    L.seed_everything(parts.seed, workers=True)
+    lm = parts.load_llm()
     add_placeholder_tokens(lm.tokenizer, lm.model, [])  # the same chat-template fallback as the run
-    optim = OptimSpec(**OmegaConf.to_container(cfg.stage.optim)) if "optim" in cfg.stage else OptimSpec()
     text_model = MultimodalLM(lm.model, lm.tokenizer, {}, {}, StagePolicy("instruct", adaptor=False, lora=True),
-                              lora=LoraSpec(**OmegaConf.to_container(cfg.llm.lora)), optim=optim, llm_name=lm.name)
+                              lora=parts.lora, optim=parts.optim, llm_name=lm.name)
     train = text_loader(train_recs, lm.tokenizer, dm.batch_size, spec.max_length, generate=False, shuffle=True)
     stats = RunStats()
-    trainer = instantiate(cfg.trainer, callbacks=[RichProgressBar(leave=True), stats], logger=False,
-                          enable_checkpointing=False, limit_val_batches=0,
-                          default_root_dir=str(out / "text_baseline"))
+    trainer = parts.make_trainer(callbacks=[RichProgressBar(leave=True), stats], logger=False,
+                                 enable_checkpointing=False, limit_val_batches=0,
+                                 default_root_dir=str(out / "text_baseline"))
     trainer.fit(text_model, train_dataloaders=train)
     summary = stats.summary(trainer, text_model)
     metrics = {f"text_lora/{k}": summary[k] for k in ("steps", "first_loss_avg", "last_loss_avg", "train_seconds",
                                                        "seconds_per_step", "trainable_params")}
     loader = text_loader(eval_recs, lm.tokenizer, dm.eval_batch_size, spec.max_length, generate=True)
-    m = run_generation(text_model, loader, int(cfg.get("eval", {}).get("max_new_tokens", 64)),
+    m = run_generation(text_model, loader, parts.max_new_tokens,
                        out / "predictions_text_lora.jsonl" if write else None, desc="text baseline (LoRA)",
                        progress=write)
     metrics.update({f"text_lora/{k}": v for k, v in m.items()})

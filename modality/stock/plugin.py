@@ -140,9 +140,22 @@ class StockModality(Modality):
         self.set_trainable(encoder=train_encoder, adaptor=True)
 
     @property
-    def requires_pretrained_encoder(self) -> bool:
+    def align_requires(self) -> str | None:
         """align needs a forecast run (init_from) unless ``checkpoint=`` already loaded one."""
-        return not self.checkpoint
+        return None if self.checkpoint else "forecast"
+
+    def pretrain_report(self, datamodule: Any, out: Any) -> dict[str, Any]:
+        """stage=forecast's held-out table and plots (modality.stock.forecast_stage)."""
+        from modality.stock.forecast_stage import pretrain_report
+
+        return pretrain_report(self, datamodule, out)
+
+    def baselines(self, model: Any, datamodule: Any, out: Any, parts: Any, write: bool) -> dict[str, Any]:
+        """The same questions with the window written as text (modality.stock.baselines), when
+        ``data.text_baseline`` is set."""
+        from modality.stock.baselines import run_text_baseline
+
+        return run_text_baseline(model, datamodule, out, parts, write)
 
     # ------------------------------------------------------------------ checkpoints
     def load_forecaster(self, path: str | Path) -> None:

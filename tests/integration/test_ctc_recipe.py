@@ -43,7 +43,7 @@ def test_ctc_only_phase_never_runs_the_llm_and_logs_the_ctc_readout(phase1, tiny
     vocab = _meta(out / "a")["ctc_vocab"]
     ckpt = torch.load(out / "a" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["mmlm"]["ctc_classifier"] == "linear"
-    assert ckpt["state_dict"]["ctc_heads.speech.1.weight"].shape[0] == len(vocab)  # the trained classifier is saved
+    assert ckpt["state_dict"]["objectives.speech_ctc.head.1.weight"].shape[0] == len(vocab)  # the trained classifier is saved
     assert not any(k.startswith("llm.") for k in ckpt["state_dict"])               # and nothing of the LLM
     assert vocab == sorted(vocab) and set(single_char_tokens(tiny_lm.tokenizer)) <= set(vocab)
     assert m["ctc_vocab"] == len(vocab)
@@ -93,16 +93,17 @@ def test_evaluate_inherits_the_trained_modality_but_the_command_line_wins():
     saved = {"_target_": cfg.modality._target_, "adaptor": "transformer", "hidden": 32, "layers": 1, "ctc_compress": "soft",
              "d_llm": 576}
     taken = _inherit_modality(cfg, [{"stage": "align", "modality_cfg": saved}])
-    assert cfg.modality.adaptor == "transformer" and cfg.modality.layers == 1 and cfg.modality.ctc_compress == "soft"
+    assert taken["adaptor"] == "transformer" and taken["layers"] == 1 and taken["ctc_compress"] == "soft"
     assert cfg.modality.hidden == 99 and "hidden" not in taken   # given on the command line: kept
     assert "d_llm" not in taken                                  # filled from the LLM at run time, never inherited
+    assert cfg.modality.adaptor == "mlp"                         # the composed config is not changed
     other = cfg_for(["llm=tiny", "stage=evaluate", "modality=stock"])
-    assert _inherit_modality(other, [{"modality_cfg": saved}]) == []  # another modality's settings never leak in
+    assert _inherit_modality(other, [{"modality_cfg": saved}]) == {}  # another modality's settings never leak in
     # an align run continuing an align run takes the architecture only (it may change compression on purpose)
     from tasks.runner import ARCH_MODALITY_KEYS
 
     phase2 = cfg_for(TINY + ["stage=align"])
     saved2 = {**saved, "encoder_layers": "all", "time_mask": 0.2}
     taken = _inherit_modality(phase2, [{"stage": "align", "modality_cfg": saved2}], ARCH_MODALITY_KEYS)
-    assert phase2.modality.encoder_layers == "all" and phase2.modality.adaptor == "transformer"
-    assert phase2.modality.ctc_compress != "soft" and phase2.modality.time_mask == 0.0 and set(taken) <= set(ARCH_MODALITY_KEYS)
+    assert taken["encoder_layers"] == "all" and taken["adaptor"] == "transformer"
+    assert "ctc_compress" not in taken and "time_mask" not in taken and set(taken) <= set(ARCH_MODALITY_KEYS)

@@ -141,7 +141,7 @@ def test_align_long_recipe_options_run_through_the_runner(speech_corpus, tmp_pat
     import logging
 
     c = speech_corpus
-    with caplog.at_level(logging.INFO, logger="tasks.runner"):
+    with caplog.at_level(logging.INFO, logger="modality.speech.asr.objective"):
         m = run(cfg_for(TINY + ["stage=align", "trainer.max_steps=2", "stage.ctc_weight=0.5", "stage.ctc_vocab=corpus",
                                 "data.group_by_length=true", "data.system_prompt=''", "eval.max_new_tokens=2", "trainer.log_every_n_steps=1",
                                 f"paths.output_dir={tmp_path}", f"data.train_files={c}/train.jsonl",

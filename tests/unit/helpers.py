@@ -18,11 +18,23 @@ def toy_records(n: int = 8) -> list[dict]:
                                {"from": "gpt", "value": f"It is number {3 + i % 5}."}]} for i in range(n)]
 
 
-def build(lm, modality, stage: str = "align", lr: float = 1e-2) -> MultimodalLM:
+def build(lm, modality, stage: str = "align", lr: float = 1e-2, objectives=None, lm_weight: float = 1.0) -> MultimodalLM:
+    """``objectives``: None, or a function (placeholder id) -> {key: Objective} (the id is known only here)."""
     ids = add_placeholder_tokens(lm.tokenizer, lm.model, [modality.placeholder])
-    return MultimodalLM(lm.model, lm.tokenizer, {modality.name: modality}, {modality.name: ids[modality.placeholder]},
+    pid = ids[modality.placeholder]
+    return MultimodalLM(lm.model, lm.tokenizer, {modality.name: modality}, {modality.name: pid},
                         STAGES[stage], lora=LoraSpec(r=4, alpha=8, dropout=0.0), optim=OptimSpec(lr=lr, warmup_steps=0),
-                        llm_name=lm.name)
+                        llm_name=lm.name, lm_weight=lm_weight, objectives=objectives(pid) if objectives else None)
+
+
+def ctc(lm, modality, weight: float = 1.0, **kw):
+    """An objectives factory for build(): the speech CTC objective on the toy modality (cosine over all rows unless
+    ``vocab`` / ``phonemes`` are given)."""
+    from modality.speech.asr.objective import CtcObjective
+
+    return lambda pid: {f"{modality.name}_ctc": CtcObjective(modality.name, lm.tokenizer, pid,
+                                                             lm.model.get_input_embeddings().weight.shape[1],
+                                                             weight=weight, **kw)}
 
 
 def batch_for(model: MultimodalLM, records: list[dict], generate: bool = False) -> dict:

@@ -68,26 +68,10 @@ def ctc_loss(logits: Tensor, lengths: Tensor, sample_index: Tensor, targets: lis
                       reduction="mean", zero_infinity=True)
 
 
-def embedding_ctc_loss(out: Tensor, lengths: Tensor, sample_index: Tensor, targets: list[list[int] | None],
-                       embedding_weight: Tensor, blank_id: int, scale: float = 30.0,
-                       vocab: Tensor | None = None) -> Tensor | None:
-    """CTC with the frozen embedding table as the classifier (cosine): out [n, N, D] adaptor output.
-
-    ``vocab`` (sorted unique token ids, the blank among them) restricts the classes to those rows:
-    with the ~7k tokens a corpus uses instead of 49k the loss costs ~7x less. A sample whose
-    target holds a token outside ``vocab`` is left out of the loss.
-    """
-    if vocab is not None:
-        vocab = vocab.to(out.device)
-    table = embedding_weight if vocab is None else embedding_weight[vocab]
-    return ctc_loss(cosine_logits(out, table, scale), lengths, sample_index, to_classes(targets, vocab),
-                    class_index(vocab, blank_id))
-
-
 def corpus_vocab(targets: list[list[int]], blank_ids: list[int], min_count: int = 1,
                  always: Iterable[int] = ()) -> Tensor:
     """Sorted unique ids of the target tokens seen at least ``min_count`` times, plus ``always`` (e.g. every
-    single-character token, so any word can be spelled) and the blanks: the classes embedding_ctc_loss needs."""
+    single-character token, so any word can be spelled) and the blanks: a corpus's CTC classes."""
     counts = Counter(t for seq in targets for t in seq)
     ids = {t for t, c in counts.items() if c >= min_count} | set(always) | set(blank_ids)
     return torch.tensor(sorted(ids), dtype=torch.long)
@@ -189,7 +173,7 @@ def greedy_ctc_decode(out: Tensor, lengths: Tensor, embedding_weight: Tensor, bl
 
 def ctc_compress(out: Tensor, lengths: Tensor, embedding_weight: Tensor, blank_id: int,
                  vocab: Tensor | None = None, soft: bool = False, scale: float = 30.0,
-                 logits: Tensor | None = None, hard: bool = False) -> tuple[Tensor, Tensor]:
+                 logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """CTC compression: drop positions whose class is the blank, average each run of one class.
 
     out [n, N, D] adaptor output, lengths [n] -> (compressed [n, N, D] with each clip's k segment means first
@@ -201,12 +185,9 @@ def ctc_compress(out: Tensor, lengths: Tensor, embedding_weight: Tensor, blank_i
     ``logits`` [n, N, V] of a trained classifier over them. ``soft``: each kept position becomes its class
     distribution mapped through the embedding rows (``p @ E``) before averaging, so a confident position IS
     the token's own embedding row: the LLM reads text it knows, and gradients still reach the adaptor via p.
-    ``hard``: each kept position becomes its argmax class's row, so the LLM reads exactly the greedy readout
-    as text (no gradient reaches the adaptor: for a frozen, CTC-trained one). The question it answers: does
-    the blend ``p @ E`` at unsure positions make the LLM stray? Measured: no (held-out WER 52.4 % vs 52.8 %).
+    (A ``hard`` variant, each kept position its argmax class's row, was measured and removed: held-out WER
+    52.4 % vs 52.8 %, bench/RESULTS.md.)
     """
-    if soft and hard:
-        raise ValueError("ctc_compress: soft and hard exclude each other")
     if vocab is not None:
         vocab = vocab.to(out.device)
     table = embedding_weight if vocab is None else embedding_weight[vocab]
@@ -229,8 +210,6 @@ def ctc_compress(out: Tensor, lengths: Tensor, embedding_weight: Tensor, blank_i
         k = k.clamp(min=1)
     if soft:
         out = (logits.float().softmax(-1) @ table.detach().float()).to(out.dtype)  # [n, N, V] @ [V, D]
-    elif hard:
-        out = table.detach()[ids].to(out.dtype)                         # [n, N, D]: one class per run, so its mean is the row
     w = speak.to(out.dtype)[..., None]                                  # [n, N, 1]
     sums = out.new_zeros(n, N, D).scatter_add(1, seg[..., None].expand(-1, -1, D), out * w)
     counts = out.new_zeros(n, N, 1).scatter_add(1, seg[..., None], w)

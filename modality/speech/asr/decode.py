@@ -30,7 +30,7 @@ from torch import Tensor
 
 from llm.lora import backbone_and_head
 from llm.tokens import stop_token_ids
-from modality.speech.asr.ctc import class_index, to_classes
+from modality.speech.asr.ctc import to_classes
 
 
 @dataclass
@@ -199,18 +199,15 @@ def score_candidates(llm: torch.nn.Module, embeds: Tensor, mask: Tensor, owner: 
 
 
 @torch.no_grad()
-def joint_decode(model: Any, batch: dict, max_new_tokens: int, spec: DecodeSpec,
+def joint_decode(model: Any, objective: Any, batch: dict, max_new_tokens: int, spec: DecodeSpec,
                  transcript_types: set[str]) -> tuple[list[str], list[str | None], list[list[dict] | None]]:
     """Decode a generate-mode batch with ``spec``; returns (texts, CTC readouts, candidates per sample or None).
 
-    ``model``: a MultimodalLM (its llm, tokenizer, embed, adapt_all, ctc_logits, ctc_vocab, ctc_segmenter).
-    The adaptor runs once per batch: the LLM's prompt, the readout, the spellings and the CTC scores share it.
+    ``model``: a MultimodalLM (its llm, tokenizer, embed); ``objective``: the chain's token CtcObjective (its
+    logits, classes and segmenter), or None without one. The adaptor runs once per batch: the LLM's prompt, the
+    readout, the spellings and the CTC scores share it.
     """
-    if getattr(model, "word_decoder", None) is not None:  # a phoneme chain: words from its lexicon decoder
-        from modality.speech.asr.lexicon import lexicon_decode
-
-        return lexicon_decode(model, batch, max_new_tokens, transcript_types)
-    if spec.joint and model.ctc_vocab is None:
+    if spec.joint and (objective is None or objective.vocab is None):
         raise ValueError("eval.ctc_weight > 0 needs a chain trained with CTC classes (stage.ctc_vocab=corpus, "
                          "e.g. experiment=speech_align_ctc); this model has none: set eval.ctc_weight=0")
     tok = model.tokenizer
@@ -225,13 +222,14 @@ def joint_decode(model: Any, batch: dict, max_new_tokens: int, spec: DecodeSpec,
     beams = [texts[b * K : (b + 1) * K] for b in range(B)]
     best = [b[0] for b in beams]
     cands: list[list[dict] | None] = [None] * B
-    readouts = model.ctc_readout(batch, outs)  # None unless exactly one clip (with CTC classes)
+    table = model.llm.get_input_embeddings().weight
+    readouts = objective.readout(batch, outs, table) if objective is not None else [None] * B
     if not spec.joint:
         return best, readouts, cands
     todo = [b for b in range(B) if batch["types"][b] in transcript_types and readouts[b] is not None]
     if not todo:
         return best, readouts, cands
-    spelled = _ctc_spellings(model, batch, outs, spec.ctc_beams) if spec.ctc_beams else {}
+    spelled = _ctc_spellings(objective, batch, outs, table, spec.ctc_beams) if spec.ctc_beams else {}
     for b in todo:
         seen = dict.fromkeys([*beams[b], readouts[b], *spelled.get(b, [])])  # ordered, unique; the LLM's first
         cands[b] = [{"text": t, "source": "llm" if t in beams[b] else "ctc"} for t in seen if t] or None
@@ -245,34 +243,33 @@ def joint_decode(model: Any, batch: dict, max_new_tokens: int, spec: DecodeSpec,
     for (b, c), v, i in zip(flat, lm, ids):
         c["lm"], c["tokens"] = v, len(i)
     # CTC scores, per clip
-    vocab = model.ctc_vocab.to(embeds.device)
-    for name, (out, lengths) in outs.items():
-        logits = model.ctc_logits(name, out)                              # [n_clips, N, V]
-        blank = class_index(vocab, model.placeholder_ids[name])
-        for k, b in enumerate(batch["modal"][name]["sample_index"].tolist()):
-            if cands[b] is None:
-                continue
-            targets = [model.ctc_segmenter(tok.encode(" " + c["text"], add_special_tokens=False)) for c in cands[b]]
-            scores = ctc_logprobs(logits[k], int(lengths[k]), to_classes(targets, vocab), blank)
-            for c, v in zip(cands[b], scores):
-                c["ctc"] = v if math.isfinite(v) else None  # strict JSON in predictions.jsonl (no -Infinity)
+    vocab = objective.vocab.to(embeds.device)
+    out, lengths = outs[objective.modality]
+    logits = objective.logits(out, table)                                 # [n_clips, N, V]
+    for k, b in enumerate(batch["modal"][objective.modality]["sample_index"].tolist()):
+        if cands[b] is None:
+            continue
+        targets = [objective.segmenter(tok.encode(" " + c["text"], add_special_tokens=False)) for c in cands[b]]
+        scores = ctc_logprobs(logits[k], int(lengths[k]), to_classes(targets, vocab), objective.blank)
+        for c, v in zip(cands[b], scores):
+            c["ctc"] = v if math.isfinite(v) else None  # strict JSON in predictions.jsonl (no -Infinity)
     for b in todo:
         best[b] = pick(cands[b], spec.ctc_weight, spec.length_bonus)
     return best, readouts, cands
 
 
-def _ctc_spellings(model: Any, batch: dict, outs: dict[str, tuple[Tensor, Tensor]], n: int) -> dict[int, list[str]]:
+def _ctc_spellings(objective: Any, batch: dict, outs: dict[str, tuple[Tensor, Tensor]], table: Tensor,
+                   n: int) -> dict[int, list[str]]:
     """Sample index -> the ``n`` best CTC prefix-beam spellings of its clip, as text (one-clip samples)."""
-    vocab = model.ctc_vocab
+    vocab = objective.vocab
     out: dict[int, list[str]] = {}
-    for name, (adapted, lengths) in outs.items():
-        logits = model.ctc_logits(name, adapted)
-        blank = class_index(vocab.to(logits.device), model.placeholder_ids[name])
-        owners = batch["modal"][name]["sample_index"].tolist()
-        for k, b in enumerate(owners):
-            if owners.count(b) == 1:
-                hyps = ctc_prefix_beams(logits[k], int(lengths[k]), blank, n)
-                out[b] = [model.tokenizer.decode(vocab[p].tolist()).strip() for p, _ in hyps if p]
+    adapted, lengths = outs[objective.modality]
+    logits = objective.logits(adapted, table)
+    owners = batch["modal"][objective.modality]["sample_index"].tolist()
+    for k, b in enumerate(owners):
+        if owners.count(b) == 1:
+            hyps = ctc_prefix_beams(logits[k], int(lengths[k]), objective.blank, n)
+            out[b] = [objective.tokenizer.decode(vocab[p].tolist()).strip() for p, _ in hyps if p]
     return out
 
 

@@ -250,19 +250,22 @@ def text_logprobs(llm: Any, tokenizer: Any, texts: Sequence[str], batch: int = 3
     return out
 
 
-def lexicon_decode(model: Any, batch: dict, max_new_tokens: int, transcript_types: set[str],
-                   ) -> tuple[list[str], list[str | None], list[list[dict] | None]]:
-    """A phoneme chain's evaluation batch: one-clip transcript samples get words from the lexicon decoder
-    (n-best re-ranked with ``decoder.llm_weight`` x log p_LLM(text) when > 0); other samples the LLM's answer.
-    Returns (texts, greedy phoneme readouts, candidates per sample) as modality.speech.asr.decode.joint_decode does."""
-    dec: LexiconDecoder = model.word_decoder
+def lexicon_decode(model: Any, objective: Any, dec: LexiconDecoder, batch: dict, max_new_tokens: int,
+                   transcript_types: set[str]) -> tuple[list[str], list[str | None], list[list[dict] | None]]:
+    """A phoneme chain's evaluation batch: one-clip transcript samples get words from the lexicon decoder ``dec``
+    (n-best re-ranked with ``dec.llm_weight`` x log p_LLM(text) when > 0); other samples the LLM's answer.
+    ``objective``: the chain's phoneme CtcObjective. Returns (texts, greedy phoneme readouts, candidates per sample)
+    as modality.speech.asr.decode.joint_decode does."""
     B = batch["input_ids"].shape[0]
     outs = model.adapt_all(batch)
-    phones = model.phoneme_readout(batch, outs)
+    table = model.llm.get_input_embeddings().weight
+    phones = objective.readout(batch, outs, table)
     texts: list[str | None] = [None] * B
     cands: list[list[dict] | None] = [None] * B
     for name, (out, lengths) in outs.items():
-        logp = model.ctc_logits(name, out).float().log_softmax(-1).cpu()
+        if name != objective.modality:
+            continue
+        logp = objective.logits(out, table).float().log_softmax(-1).cpu()
         for k, b in enumerate(batch["modal"][name]["sample_index"].tolist()):
             if batch["types"][b] in transcript_types and phones[b] is not None:
                 n = int(lengths[k])
@@ -280,5 +283,4 @@ def lexicon_decode(model: Any, batch: dict, max_new_tokens: int, transcript_type
         answers = model.generate(batch, max_new_tokens=max_new_tokens)
         for b in rest:
             texts[b] = answers[b]
-    readouts = [" ".join(p) if p is not None else None for p in phones]
-    return [t or "" for t in texts], readouts, cands
+    return [t or "" for t in texts], phones, cands

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from data.records import read_records
+from modality.speech.records import read_speech_records
 from modality.speech.corpus.tts import read_manifest
 from tasks.evaluate import WER_TYPES, normalize
 
@@ -55,7 +55,7 @@ def training_counts(manifests: Iterable[str | Path]) -> Counter:
     conversation's answer turns."""
     counts: Counter = Counter()
     for path in manifests:
-        for rec in read_records(path):
+        for rec in read_speech_records(path):
             turns = [t["value"] for t in rec["conversations"] if t["from"] in ("gpt", "assistant")]
             counts.update(normalize(rec.get("reference") or " ".join(turns)))
     return counts

@@ -2,22 +2,12 @@ import json
 
 import pytest
 
-from data.records import read_records, to_messages
-
-
-def test_nemo_manifest_becomes_asr_conversation(tmp_path):
-    p = tmp_path / "m.jsonl"
-    p.write_text(json.dumps({"audio_filepath": "a.wav", "text": "hello world", "duration": 1.0}) + "\n")
-    (r,) = read_records(p)
-    assert r["speech"] == ["a.wav"] and r["type"] == "asr" and r["reference"] == "hello world"
-    assert to_messages(r)[-1] == {"role": "assistant", "content": "hello world"}
-    assert "<speech>" in to_messages(r)[0]["content"]
-    assert r["root"] == str(tmp_path)
+from data.records import read_records
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     p = tmp_path / "bad.jsonl"
-    p.write_text(json.dumps({"audio_filepath": "a.wav", "text": "x"}) + "\n\n{not json}\n")
+    p.write_text(json.dumps({"id": "a", "conversations": [{"from": "human", "value": "hi"}]}) + "\n\n{not json}\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:3: malformed JSON"):
         read_records(p)
 
@@ -34,8 +24,8 @@ def test_missing_fields_name_the_record(tmp_path):
     p.write_text(json.dumps({"id": "x", "conversations": [{"from": "robot", "value": "hi"}]}) + "\n")
     with pytest.raises(ValueError, match=r"c.jsonl:1: conversations\[0\]"):
         read_records(p)
-    p.write_text(json.dumps({"audio_filepath": "a.wav"}) + "\n")
-    with pytest.raises(ValueError, match=r"c.jsonl:1: NeMo manifest line lacks 'text'"):
+    p.write_text(json.dumps({"id": "y", "prompt": "no conversations"}) + "\n")  # no adapter claims it
+    with pytest.raises(ValueError, match=r"c.jsonl:1: missing or empty 'conversations'"):
         read_records(p)
 
 
@@ -60,3 +50,11 @@ def test_dev_split_keeps_the_voices_and_none_of_the_reported_sentences(tmp_path)
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     main([str(src), "--skip", "3", "--n", "2", "--out", str(out)])
     assert [json.loads(x)["text"] for x in out.read_text().splitlines()] == ["s3", "s4"]
+
+
+def test_a_plugin_adapter_reads_its_own_line_format(tmp_path):
+    p = tmp_path / "own.jsonl"
+    p.write_text(json.dumps({"series": "x.csv"}) + "\n")
+    adapt = lambda line, where, rng: {"toy": line["series"], "conversations": [{"from": "human", "value": where}]}
+    (r,) = read_records(p, ("toy",), adapters=[lambda line, where, rng: None, adapt])
+    assert r["toy"] == ["x.csv"] and r["conversations"][0]["value"] == f"{p}:1"  # listified, first claimant wins

@@ -54,7 +54,9 @@ def test_datamodule_groups_training_batches_by_manifest_duration(tmp_path):
     rng = random.Random(0)
     durs = [round(rng.uniform(1, 8), 2) for _ in range(64)]
     (tmp_path / "train.jsonl").write_text("".join(
-        json.dumps({"audio_filepath": f"{i}.wav", "text": "a b c", "duration": d}) + "\n" for i, d in enumerate(durs)))
+        json.dumps({"id": str(i), "duration": d, "conversations": [{"from": "human", "value": "say a b c"},
+                                                                   {"from": "gpt", "value": "a b c"}]}) + "\n"
+        for i, d in enumerate(durs)))
     dm = ConversationDataModule(None, {}, {}, train_files=str(tmp_path / "train.jsonl"), batch_size=8,
                                 group_by_length=True)
     loader = dm.train_dataloader()

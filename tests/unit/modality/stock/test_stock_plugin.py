@@ -105,7 +105,7 @@ def test_checkpoint_round_trip_and_mismatch(stock, tmp_path):
     other = StockModality(d_llm=48, checkpoint=str(path), **SMALL)
     for a, b in zip(stock.encoder.state_dict().values(), other.encoder.state_dict().values()):
         torch.testing.assert_close(a, b)
-    assert not other.requires_pretrained_encoder and stock.requires_pretrained_encoder
+    assert other.align_requires is None and stock.align_requires == "forecast"
     # a Lightning-style checkpoint with encoder.* keys loads too
     torch.save({"state_dict": {f"encoder.{k}": v for k, v in stock.encoder.state_dict().items()}}, tmp_path / "l.ckpt")
     StockModality(d_llm=48, checkpoint=str(tmp_path / "l.ckpt"), **SMALL)

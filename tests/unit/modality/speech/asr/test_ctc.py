@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from modality.speech.asr.ctc import corpus_vocab, ctc_compress, embedding_ctc_loss, greedy_ctc_decode
+from modality.speech.asr.ctc import class_index, corpus_vocab, cosine_logits, ctc_compress, ctc_loss, greedy_ctc_decode, to_classes
+
+
+def embedding_ctc_loss(out, lengths, owner, targets, table, blank_id, vocab=None):
+    """CTC with the frozen rows as a cosine classifier (over ``vocab``'s rows): how CtcObjective composes it."""
+    rows = table if vocab is None else table[vocab]
+    return ctc_loss(cosine_logits(out, rows), lengths, owner, to_classes(targets, vocab), class_index(vocab, blank_id))
 
 
 def test_ctc_prefers_outputs_that_spell_the_transcript():
@@ -81,10 +87,9 @@ def _without_holes(embeds, mask, holes, other, left: bool):
 
 def test_compressed_slots_are_holes_the_llm_never_sees(tiny_lm, toy_modality):
     """Loss and greedy generation with holes == the same sequences built without them."""
-    from tests.unit.helpers import batch_for, build, toy_records
+    from tests.unit.helpers import batch_for, build, ctc, toy_records
 
-    toy_modality.ctc_compress = True
-    model = build(tiny_lm, toy_modality, "instruct").eval()
+    model = build(tiny_lm, toy_modality, "instruct", objectives=ctc(tiny_lm, toy_modality, 0.0, compress=True)).eval()
     with torch.no_grad():  # make runs of equal argmax: duplicate adaptor rows pairwise
         w = model.llm.get_input_embeddings().weight
         toy_modality.adaptor.weight.mul_(0.0)
@@ -147,30 +152,11 @@ def test_soft_compression_turns_confident_positions_into_the_tokens_own_rows():
     assert out.grad[0, :6].abs().sum() > 0                          # the LM loss still reaches the adaptor
 
 
-def test_hard_compression_reads_the_greedy_readout_as_rows_even_when_unsure():
-    """ctc_compress(hard=True): each kept run is its argmax class's row exactly, however flat p is."""
-    torch.manual_seed(0)
-    table = torch.randn(30, 8)
-    vocab = torch.tensor([2, 4, 9, 17, 25])  # the blank (2) is class 0
-    argmax = torch.tensor([[0, 2, 2, 0, 4, 1, 1]])                   # blank, 9, 9, blank, 25, 4, 4
-    logits = torch.randn(1, 7, 5) * 0.01
-    logits[0, torch.arange(7), argmax[0]] += 0.05                     # unsure: p of the argmax ~0.21
-    out = torch.randn(1, 7, 8)
-    comp, k = ctc_compress(out, torch.tensor([7]), table, 2, vocab=vocab, logits=logits, hard=True)
-    assert k.tolist() == [3]
-    assert torch.equal(comp[0, :3], table[[9, 25, 4]]) and (comp[0, 3:] == 0).all()
-    soft, _ = ctc_compress(out, torch.tensor([7]), table, 2, vocab=vocab, logits=logits, soft=True)
-    assert not torch.allclose(soft[0, :3], table[[9, 25, 4]], atol=0.1)  # soft blends the unsure rows
-    with pytest.raises(ValueError, match="exclude"):
-        ctc_compress(out, torch.tensor([7]), table, 2, vocab=vocab, logits=logits, soft=True, hard=True)
-
-
 def test_ctc_only_step_never_calls_the_llm_and_weights_must_make_sense(tiny_lm, toy_modality, monkeypatch):
     from tasks.multimodal import MultimodalLM
-    from tests.unit.helpers import STAGES, batch_for, build
+    from tests.unit.helpers import STAGES, batch_for, build, ctc
 
-    model = build(tiny_lm, toy_modality, "align")
-    model.lm_weight, model.ctc_weight = 0.0, 1.0
+    model = build(tiny_lm, toy_modality, "align", objectives=ctc(tiny_lm, toy_modality, 1.0), lm_weight=0.0)
     recs = [{"id": f"a{i}", "where": f"asr.jsonl:{i + 1}", "root": None, "toy": [str(3 + i)], "type": "asr",
              "reference": "hello there", "conversations": [{"from": "human", "value": "<toy>\nTranscribe."},
                                                            {"from": "gpt", "value": "hello there"}]} for i in range(3)]
@@ -186,10 +172,10 @@ def test_ctc_only_step_never_calls_the_llm_and_weights_must_make_sense(tiny_lm, 
     result["loss"].backward()
     assert all(p.grad is not None for p in model.modalities["toy"].adaptor.parameters())
     args = (tiny_lm.model, tiny_lm.tokenizer, {"toy": toy_modality}, {"toy": 1})
-    with pytest.raises(ValueError, match="at least one > 0"):
-        MultimodalLM(*args, STAGES["align"], lm_weight=0.0, ctc_weight=0.0)
+    with pytest.raises(ValueError, match="some loss must have weight > 0"):
+        MultimodalLM(*args, STAGES["align"], lm_weight=0.0)
     with pytest.raises(ValueError, match="set stage.lora=false"):
-        MultimodalLM(*args, STAGES["instruct"], lm_weight=0.0, ctc_weight=1.0, lora=None)
+        MultimodalLM(*args, STAGES["instruct"], lm_weight=0.0, objectives=dict(model.objectives), lora=None)
 
 
 def test_unit_segmenter_respells_rare_words_with_units_and_keeps_the_text(tiny_lm):

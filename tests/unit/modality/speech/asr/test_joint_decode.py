@@ -118,26 +118,30 @@ def test_joint_decoding_keeps_what_the_audio_supports(tiny_lm, toy_modality, tmp
     from which the sweep CLI re-picks."""
     from tasks.evaluate import WER_TYPES, run_generation, wer
     from modality.speech.asr.decode import joint_decode
-    from tests.unit.helpers import batch_for, build, toy_records
+    from modality.speech.asr.decoder import SpeechDecoder
+    from tests.unit.helpers import batch_for, build, ctc, toy_records
 
     model = build(tiny_lm, toy_modality, "align").eval()
     tok = tiny_lm.tokenizer
     with pytest.raises(ValueError, match="needs a chain trained with CTC classes"):  # not a silent greedy decode
-        joint_decode(model, batch_for(model, [_asr(0, "hello")], generate=True), 4, DecodeSpec(ctc_weight=0.5), WER_TYPES)
+        joint_decode(model, None, batch_for(model, [_asr(0, "hello")], generate=True), 4, DecodeSpec(ctc_weight=0.5),
+                     WER_TYPES)
     hello = tok.encode(" hello", add_special_tokens=False)
     blank = model.placeholder_ids["toy"]
     vocab = torch.tensor(sorted({blank, hello[0]}))
-    model.set_ctc_vocab(vocab, "linear")
+    model = build(tiny_lm, toy_modality, "align", objectives=ctc(tiny_lm, toy_modality, 0.0, vocab=vocab,
+                                                                 classifier="linear")).eval()
+    objective = model.objectives["toy_ctc"]
     with torch.no_grad():
-        head = model.ctc_heads["toy"][1]
+        head = objective.head[1]
         head.weight.zero_()
         head.bias.copy_((vocab == hello[0]).float() * 10)
     recs = [_asr(0, "hello"), _asr(1, "hello there"), _asr(2, "hello hello", clips=2), toy_records(1)[0]]
     batch = batch_for(model, recs, generate=True)
     greedy = model.generate(batch, max_new_tokens=4)
     assert "hello" not in greedy[:2]                     # the random LLM does not say it
-    texts, readouts, cands = joint_decode(model, batch, 4, DecodeSpec(num_beams=2, ctc_weight=1.0, ctc_beams=3),
-                                          WER_TYPES)
+    texts, readouts, cands = joint_decode(model, objective, batch, 4,
+                                          DecodeSpec(num_beams=2, ctc_weight=1.0, ctc_beams=3), WER_TYPES)
     assert texts[:2] == ["hello", "hello"] and readouts[:2] == ["hello", "hello"] and readouts[2] is None
     assert cands[2] is None and cands[3] is None         # two clips / not a transcript: the LLM's best beam
     beams = model.llm.generate(inputs_embeds=model.embed(batch)[0], attention_mask=model.embed(batch)[2],
@@ -151,7 +155,8 @@ def test_joint_decoding_keeps_what_the_audio_supports(tiny_lm, toy_modality, tmp
 
     calls = []
     model.adapt_all = lambda b, f=model.adapt_all: calls.append(1) or f(b)  # type: ignore[method-assign]
-    m = run_generation(model, [batch], 4, tmp_path / "p.jsonl", decode=DecodeSpec(num_beams=2, ctc_weight=1.0))
+    model.decoder = SpeechDecoder(objective, DecodeSpec(num_beams=2, ctc_weight=1.0))
+    m = run_generation(model, [batch], 4, tmp_path / "p.jsonl")
     assert len(calls) == 1  # answer, readout, spellings and CTC scores share one adaptor pass
     def strict(c):
         raise AssertionError(f"not strict JSON: {c}")

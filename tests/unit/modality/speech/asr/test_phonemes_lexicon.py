@@ -119,19 +119,19 @@ def _asr(i: int, ref: str, n: int = 60) -> dict:
 def test_phoneme_chain_trains_on_espeak_targets_and_decodes_words(tiny_lm, toy_modality, ph):
     from tasks.evaluate import WER_TYPES
     from modality.speech.asr.lexicon import lexicon_decode
-    from tests.unit.helpers import batch_for, build
+    from tests.unit.helpers import batch_for, build, ctc
 
     texts = ["the cat sat", "the dog ran", "a cat ran"]
     classes = phoneme_inventory(ph(texts))
-    model = build(tiny_lm, toy_modality, "align")
-    model.lm_weight, model.ctc_weight = 0.0, 1.0
-    model.set_ctc_phonemes(classes)
-    assert set(model.ctc_heads) == {"toy"} and model.ctc_heads["toy"][1].out_features == len(classes)
-    assert all(p.requires_grad for p in model.ctc_heads.parameters())  # align trains the head with the adaptor
+    model = build(tiny_lm, toy_modality, "align", lm_weight=0.0,
+                  objectives=ctc(tiny_lm, toy_modality, 1.0, phonemes=classes, phonemizer=ph))
+    objective = model.objectives["toy_ctc"]
+    assert set(model.objectives) == {"toy_ctc"} and objective.head[1].out_features == len(classes)
+    assert all(p.requires_grad for p in objective.parameters())  # align trains the head with the adaptor
     batch = batch_for(model, [_asr(i, t) for i, t in enumerate(texts)])
-    targets = model.phoneme_targets(batch)
+    targets = objective.targets(batch)
     assert [[classes[k] for k in t] for t in targets] == ph(texts)
-    opt = torch.optim.Adam([*model.modalities["toy"].adaptor.parameters(), *model.ctc_heads.parameters()], lr=3e-2)
+    opt = torch.optim.Adam([*model.modalities["toy"].adaptor.parameters(), *objective.parameters()], lr=3e-2)
     first = None
     for _ in range(60):
         loss = model(batch)["loss"]
@@ -141,23 +141,22 @@ def test_phoneme_chain_trains_on_espeak_targets_and_decodes_words(tiny_lm, toy_m
         opt.step()
     assert float(loss) < 0.3 * first  # the toy features of three clips are learnable
     model.eval()
-    readout = model.phoneme_readout(batch)
-    assert readout[0] == ph(["the cat sat"])[0]
+    readout = objective.readout(batch, model.adapt_all(batch), model.llm.get_input_embeddings().weight)
+    assert readout[0].split() == ph(["the cat sat"])[0]
     lex = build_lexicon({"the", "cat", "sat", "dog", "ran", "a"}, ph, classes, sentences=texts, min_variant=1)
-    model.word_decoder = LexiconDecoder(classes, lex, NgramLM([t.split() for t in texts], lex), nbest=3)
-    model.word_decoder.llm_weight = 0.0
+    words_decoder = LexiconDecoder(classes, lex, NgramLM([t.split() for t in texts], lex), nbest=3)
+    words_decoder.llm_weight = 0.0
     gen = batch_for(model, [_asr(i, t) for i, t in enumerate(texts)], generate=True)
-    words, phones, cands = lexicon_decode(model, gen, 4, WER_TYPES)
+    words, phones, cands = lexicon_decode(model, objective, words_decoder, gen, 4, WER_TYPES)
     assert words == texts and phones[1] == " ".join(ph(["the dog ran"])[0])
     assert all(c and "decoder" in c[0] for c in cands)
 
 
 def test_phoneme_classes_must_be_well_formed(tiny_lm, toy_modality):
-    from tests.unit.helpers import build
+    from tests.unit.helpers import ctc
 
-    model = build(tiny_lm, toy_modality, "align")
     with pytest.raises(ValueError, match="must start with"):
-        model.set_ctc_phonemes(["a", BLANK, WORD])
+        ctc(tiny_lm, toy_modality, 1.0, phonemes=["a", BLANK, WORD])(1)
 
 
 def test_the_most_frequent_of_many_homophones_keeps_its_place(ph):
