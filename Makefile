@@ -44,7 +44,7 @@ align-long: data-long data-wordnet
 	$(PY) train.py experiment=speech_align_ctc paths.output_dir=outputs/align_ctc
 	$(PY) train.py experiment=speech_align_long init_from=outputs/align_ctc paths.output_dir=outputs/align_long
 	$(PY) train.py stage=evaluate modality=speech init_from=outputs/align_long data.eval_manifest=data_cache/speech_long/eval.jsonl \
-	  data.max_eval_samples=100 eval.num_beams=4 eval.ctc_beams=8 eval.ctc_weight=0.5 paths.output_dir=outputs/align_long_eval
+	  data.max_eval_samples=100 eval.num_beams=4 eval.ctc_beams=8 eval.joint_weight=0.5 paths.output_dir=outputs/align_long_eval
 
 # alignment by phonemes: CTC over espeak-ng's phonemes (phase 1 only), words from a lexicon + word trigram at
 # evaluation (modality.speech.asr.lexicon); held-out WER on the same 100 clips. bench/RESULTS.md

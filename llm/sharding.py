@@ -88,7 +88,7 @@ def shard_multimodal(model: nn.Module, mesh: Any, param_dtype: torch.dtype | Non
     kw = dict(mesh=mesh, mp_policy=mp)
     for layer in decoder_layers(model.llm):
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
-    # Embeddings and LM head stay in the root unit, gathered for the whole step: losses (CTC) and
+    # Embeddings and LM head stay in the root unit, gathered for the whole step: auxiliary objectives and
     # modalities read the embedding table directly, outside any forward FSDP could hook.
     fully_shard(model, ignored_params=frozen_encoder_params(model.modalities), **kw)
 

@@ -242,7 +242,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _run_standalone(cfg: DictConfig, out: Path, policy: StagePolicy, batch_size: int) -> dict[str, Any]:
-    """A stage in which the modality trains alone (e.g. stage=forecast): its encoder, with the plugin's own
+    """A standalone stage (conf/stage with standalone: true): the modality trains its encoder alone, with its own
     Lightning hooks, on ``cfg.data``; then the plugin's held-out report."""
     from llm.sharding import full_state_dict, is_sharded
 

@@ -5,7 +5,7 @@
 Trains each (adaptor kind, classifier) pair with CTC alone on cached Whisper tiny.en outputs of the train
 voices, one after the other in one run with the same seed, data and batches, and reports greedy CTC WER on
 the held-out voices every ``--eval-every`` steps. Classes are LLM tokens (the train transcripts' tokens seen
->= ``--min-count`` times plus single characters, rarer words re-spelled with them: modality.speech.asr.ctc.UnitSegmenter);
+>= ``--min-count`` times plus single characters, rarer words re-spelled with them: modality.speech.asr.ctc.SpellingSegmenter);
 the placeholder token is the blank. Classifiers: ``cosine`` scores outputs against the frozen SmolLM2
 embedding rows (centred), ``linear`` is a trained Linear(d_llm -> classes), as MultimodalLM builds them for
 stage.ctc_classifier. bench/RESULTS.md records what one run measured.
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from llm.tokens import add_placeholder_tokens
     from modality.speech.plugin import SpeechModality
     from modality.speech.asr.ctc import (
-        UnitSegmenter,
+        SpellingSegmenter,
         class_index,
         corpus_vocab,
         cosine_logits,
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 held = load_split(sp, root / "eval.jsonl", args.n_eval)
                 raw = {t: tok.encode(" " + t.strip(), add_special_tokens=False) for t in {t for _, t in train}}
                 vocab = corpus_vocab([raw[t] for _, t in train], [blank], args.min_count, always=single_char_tokens(tok))
-                seg = UnitSegmenter(tok, vocab)
+                seg = SpellingSegmenter(tok, vocab)
                 targets = {t: to_classes([seg(ids)], vocab)[0] for t, ids in raw.items()}
                 sub, sub_blank = table[vocab], class_index(vocab, blank)
                 print(f"CTC over {len(vocab)} classes", flush=True)

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     grid = []
     for lw in [float(x) for x in args.lm_weights.split(",")]:
         for ws in [float(x) for x in args.word_scores.split(",")]:
-            dec = LexiconDecoder(classes, lex, lm, nbest=args.nbest, beam_size=args.beam, lm_weight=lw, word_score=ws)
+            dec = LexiconDecoder(classes, lex, lm, nbest=args.nbest, beam_size=args.beam, ngram_weight=lw, word_score=ws)
             rows, em, refs = splits["tune"]
             t1 = time.perf_counter()
             nb = _decode(dec, em)
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "seconds": round(time.perf_counter() - t1, 1)})
             print(json.dumps(grid[-1]), flush=True)
     best = min(grid, key=lambda g: g["tune_wer"])
-    dec = LexiconDecoder(classes, lex, lm, nbest=args.nbest, beam_size=args.beam, lm_weight=best["lm_weight"],
+    dec = LexiconDecoder(classes, lex, lm, nbest=args.nbest, beam_size=args.beam, ngram_weight=best["lm_weight"],
                          word_score=best["word_score"])
     nbests = {name: _decode(dec, em) for name, (_, em, _) in splits.items()}
     scores = llm_logp([t for nb in nbests.values() for c in nb for t, _ in c])

@@ -66,9 +66,11 @@ def majority(types: list[str], refs: list[str]) -> dict[str, float]:
 
 
 def text_loader(records: list[dict], tokenizer: Any, batch_size: int, max_length: int, generate: bool,
-                shuffle: bool = False) -> DataLoader:
+                shuffle: bool = False, system_prompt: str | None = None) -> DataLoader:
+    """Text records prompted the way the run prompts its own (``system_prompt``: the run's data.system_prompt)."""
     collate = ConversationCollator(tokenizer, {}, {}, max_length, generate=generate)
-    return DataLoader(ConversationDataset(records, {}), batch_size=batch_size, shuffle=shuffle, collate_fn=collate)
+    return DataLoader(ConversationDataset(records, {}, system_prompt=system_prompt), batch_size=batch_size,
+                      shuffle=shuffle, collate_fn=collate)
 
 
 def run_text_baseline(model: Any, dm: Any, out: Path, parts: Any, write: bool = True) -> dict[str, Any]:
@@ -88,7 +90,8 @@ def run_text_baseline(model: Any, dm: Any, out: Path, parts: Any, write: bool = 
     types, refs = [r.get("type", "chat") for r in eval_recs], [r.get("reference") or "" for r in eval_recs]
     metrics.update({f"majority/{k}": v for k, v in majority(types, refs).items() if k != "eval_samples"})
     max_new = parts.max_new_tokens
-    loader = text_loader(eval_recs, model.tokenizer, dm.eval_batch_size, spec.max_length, generate=True)
+    loader = text_loader(eval_recs, model.tokenizer, dm.eval_batch_size, spec.max_length, generate=True,
+                         system_prompt=dm.system_prompt)
     if spec.zero_shot:
         with base_llm(model.llm):
             m = run_generation(model, loader, max_new, out / "predictions_text_zero_shot.jsonl" if write else None,
@@ -117,7 +120,8 @@ def train_text_lora(parts: Any, train_recs: list[dict], eval_recs: list[dict], d
     add_placeholder_tokens(lm.tokenizer, lm.model, [])  # the same chat-template fallback as the run
     text_model = MultimodalLM(lm.model, lm.tokenizer, {}, {}, StagePolicy("instruct", adaptor=False, lora=True),
                               lora=parts.lora, optim=parts.optim, llm_name=lm.name)
-    train = text_loader(train_recs, lm.tokenizer, dm.batch_size, spec.max_length, generate=False, shuffle=True)
+    train = text_loader(train_recs, lm.tokenizer, dm.batch_size, spec.max_length, generate=False, shuffle=True,
+                       system_prompt=dm.system_prompt)
     stats = RunStats()
     trainer = parts.make_trainer(callbacks=[RichProgressBar(leave=True), stats], logger=False,
                                  enable_checkpointing=False, limit_val_batches=0,
@@ -126,7 +130,8 @@ def train_text_lora(parts: Any, train_recs: list[dict], eval_recs: list[dict], d
     summary = stats.summary(trainer, text_model)
     metrics = {f"text_lora/{k}": summary[k] for k in ("steps", "first_loss_avg", "last_loss_avg", "train_seconds",
                                                        "seconds_per_step", "trainable_params")}
-    loader = text_loader(eval_recs, lm.tokenizer, dm.eval_batch_size, spec.max_length, generate=True)
+    loader = text_loader(eval_recs, lm.tokenizer, dm.eval_batch_size, spec.max_length, generate=True,
+                         system_prompt=dm.system_prompt)
     m = run_generation(text_model, loader, parts.max_new_tokens,
                        out / "predictions_text_lora.jsonl" if write else None, desc="text baseline (LoRA)",
                        progress=write)

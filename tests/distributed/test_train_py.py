@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["llm=tiny", "trainer.accelerator=cpu", "data.batch_size=2", "eval.max_new_tokens=4",
           "trainer.limit_val_batches=1", "trainer.val_check_interval=2", "trainer.enable_model_summary=false"]
-JOINT = ["eval.num_beams=2", "eval.ctc_weight=0.5"]  # joint CTC/LLM decoding at evaluation
+JOINT = ["eval.num_beams=2", "eval.joint_weight=0.5"]  # joint CTC/LLM decoding at evaluation
 STOCK = ["modality=stock", "modality.context=64", "modality.d_model=32", "modality.n_heads=2", "modality.n_layers=1",
          "modality.d_ff=64"]
 STOCK_LLM = ["data.prepare.n_align=24", "data.prepare.n_instruct=16", "data.prepare.n_qa=16", "data.prepare.eval_frac=0.25",

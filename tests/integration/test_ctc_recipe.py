@@ -72,7 +72,7 @@ def test_phase2_needs_an_align_run_and_inherits_its_ctc_classes(phase1, speech_c
     # joint CTC/LLM decoding from the command line: every transcript row keeps its scored candidates
     jt = run(cfg_for(TINY + ["stage=evaluate", f"init_from={tmp_path}/b", f"paths.output_dir={tmp_path}/jt",
                              f"data.eval_manifest={speech_corpus}/eval.jsonl", "data.max_eval_samples=2", "eval.max_new_tokens=3",
-                             "eval.num_beams=2", "eval.ctc_beams=2", "eval.ctc_weight=0.5"]))
+                             "eval.num_beams=2", "eval.ctc_beams=2", "eval.joint_weight=0.5"]))
     rows = [json.loads(r) for r in (tmp_path / "jt" / "predictions.jsonl").open()]
     assert "wer" in jt and len(rows) == 2
     for r in rows:

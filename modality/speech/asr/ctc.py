@@ -5,7 +5,7 @@ token is the CTC blank): a dense, per-position signal that the LM loss alone lac
 no LLM forward at all (stage.lm_weight=0). Pieces:
 
 * classes: a corpus vocabulary (``corpus_vocab``: tokens seen >= min_count times + single characters);
-  ``UnitSegmenter`` re-spells rarer words with them, so every target is spellable;
+  ``SpellingSegmenter`` re-spells rarer words with them, so every target is spellable;
 * classifier: ``cosine_logits`` against the frozen embedding rows, or a trained linear head
   (MultimodalLM.ctc_logits), turned into a loss by ``ctc_loss``;
 * readout: ``greedy_ctc_decode`` (what the adaptor says) and ``ctc_compress`` (blanks dropped, runs
@@ -82,7 +82,7 @@ def single_char_tokens(tokenizer: Any) -> list[int]:
     return sorted(i for t, i in tokenizer.get_vocab().items() if len(t) == 1)
 
 
-class UnitSegmenter:
+class SpellingSegmenter:
     """Re-spells a transcript's token ids with CTC units only: words whose tokens are all units stay as the
     tokenizer wrote them, any other word is re-split by greedy longest match over the units' strings.
 

@@ -3,7 +3,7 @@
 Why: in the two-phase recipe the LLM reads the adaptor's spelling and, where that spelling is unsure, writes
 a fluent sentence the audio does not hold (on held-out voices it was worse than the spelling on 43 of 100
 clips, better on 18). Scoring each candidate transcript by both models, as hybrid CTC/attention decoders do
-(Watanabe et al. 2017; ESPnet's ``ctc_weight``), keeps the LLM's spelling fixes and drops its inventions:
+(Watanabe et al. 2017; ESPnet's ``joint_weight``), keeps the LLM's spelling fixes and drops its inventions:
 
     score(t) = (1 - w) * log p_LLM(t | prompt, speech) + w * log p_CTC(t | speech) + bonus * tokens(t)
 
@@ -35,22 +35,22 @@ from modality.speech.asr.ctc import to_classes
 
 @dataclass
 class DecodeSpec:
-    """eval.num_beams / eval.ctc_weight / eval.length_bonus: how transcripts are decoded."""
+    """eval.num_beams / eval.joint_weight / eval.length_bonus: how transcripts are decoded."""
 
     num_beams: int = 1
-    ctc_weight: float = 0.0
+    joint_weight: float = 0.0
     length_bonus: float = 0.0
     ctc_beams: int = 0
     score_batch: int = 0  # candidate sequences per teacher-forced LLM forward (0: a batch's all at once)
 
     def __post_init__(self) -> None:
-        if self.num_beams < 1 or not 0 <= self.ctc_weight <= 1 or self.ctc_beams < 0 or self.score_batch < 0:
-            raise ValueError("eval.num_beams must be >= 1, eval.ctc_weight in [0, 1], eval.ctc_beams and "
+        if self.num_beams < 1 or not 0 <= self.joint_weight <= 1 or self.ctc_beams < 0 or self.score_batch < 0:
+            raise ValueError("eval.num_beams must be >= 1, eval.joint_weight in [0, 1], eval.ctc_beams and "
                              f"eval.score_batch >= 0, got {self}")
 
     @property
     def joint(self) -> bool:
-        return self.ctc_weight > 0
+        return self.joint_weight > 0
 
 
 def combine(lm: float, ctc: float | None, tokens: int, weight: float, bonus: float) -> float:
@@ -208,8 +208,8 @@ def joint_decode(model: Any, objective: Any, batch: dict, max_new_tokens: int, s
     readout, the spellings and the CTC scores share it.
     """
     if spec.joint and (objective is None or objective.vocab is None):
-        raise ValueError("eval.ctc_weight > 0 needs a chain trained with CTC classes (stage.ctc_vocab=corpus, "
-                         "e.g. experiment=speech_align_ctc); this model has none: set eval.ctc_weight=0")
+        raise ValueError("eval.joint_weight > 0 needs a chain trained with CTC classes (stage.ctc_vocab=corpus, "
+                         "e.g. experiment=speech_align_ctc); this model has none: set eval.joint_weight=0")
     tok = model.tokenizer
     B, K = batch["input_ids"].shape[0], spec.num_beams
     embeds, outs, mask = model.embed(batch)  # outs: each modality's uncompressed adaptor output, reused below
@@ -254,7 +254,7 @@ def joint_decode(model: Any, objective: Any, batch: dict, max_new_tokens: int, s
         for c, v in zip(cands[b], scores):
             c["ctc"] = v if math.isfinite(v) else None  # strict JSON in predictions.jsonl (no -Infinity)
     for b in todo:
-        best[b] = pick(cands[b], spec.ctc_weight, spec.length_bonus)
+        best[b] = pick(cands[b], spec.joint_weight, spec.length_bonus)
     return best, readouts, cands
 
 
@@ -278,7 +278,7 @@ def _transcript_rows(rows: list[dict]) -> list[dict]:
 
     rows = [r for r in rows if r.get("type") in WER_TYPES and r.get("candidates")]
     if not rows:
-        raise ValueError("no transcript rows with candidates: evaluate with eval.ctc_weight > 0 first")
+        raise ValueError("no transcript rows with candidates: evaluate with eval.joint_weight > 0 first")
     return rows
 
 
@@ -311,7 +311,7 @@ def sweep(rows: list[dict], weights: list[float], bonuses: list[float]) -> list[
     for w in weights:
         for bonus in bonuses:
             hyps = [trim_repeats(pick(r["candidates"], w, bonus)) for r in rows]
-            out.append({"ctc_weight": w, "length_bonus": bonus, "wer": round(wer(refs, hyps), 4), "samples": len(rows)})
+            out.append({"joint_weight": w, "length_bonus": bonus, "wer": round(wer(refs, hyps), 4), "samples": len(rows)})
     return out
 
 
@@ -319,17 +319,17 @@ def main(argv: list[str] | None = None) -> None:
     from modality.speech.corpus.tts import read_manifest
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("predictions", help="predictions.jsonl of an evaluation run with eval.ctc_weight > 0")
+    ap.add_argument("predictions", help="predictions.jsonl of an evaluation run with eval.joint_weight > 0")
     ap.add_argument("--weights", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1")
     ap.add_argument("--bonus", default="0", help="length bonuses (per token), comma-separated")
     a = ap.parse_args(argv)
     rows = read_manifest(a.predictions)
     table = sweep(rows, [float(x) for x in a.weights.split(",")], [float(x) for x in a.bonus.split(",")])
-    print("ctc_weight  length_bonus  wer")
+    print("joint_weight  length_bonus  wer")
     for r in table:
-        print(f"{r['ctc_weight']:>10}  {r['length_bonus']:>12}  {100 * r['wer']:.1f} %")
+        print(f"{r['joint_weight']:>10}  {r['length_bonus']:>12}  {100 * r['wer']:.1f} %")
     best = min(table, key=lambda r: r["wer"])
-    print(f"best: ctc_weight={best['ctc_weight']} length_bonus={best['length_bonus']} wer={100 * best['wer']:.1f} % "
+    print(f"best: joint_weight={best['joint_weight']} length_bonus={best['length_bonus']} wer={100 * best['wer']:.1f} % "
           f"({best['samples']} transcripts)")
     o = oracle(rows)
     print(f"oracle (each clip's best candidate, the floor for any scoring): wer={100 * o['wer']:.1f} % "

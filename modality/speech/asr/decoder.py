@@ -2,7 +2,7 @@
 
 * A phoneme chain: transcripts by the lexicon decoder (modality.speech.asr.lexicon), other answers by the LLM.
 * Otherwise the LLM writes every answer: greedy, its ``eval.num_beams`` beams, or joint CTC/LLM decoding of
-  transcripts (``eval.ctc_weight`` > 0; modality.speech.asr.decode).
+  transcripts (``eval.joint_weight`` > 0; modality.speech.asr.decode).
 
 Each prediction row keeps the adaptor's own greedy reading (``ctc_readout`` text or ``phoneme_readout``) and
 the scored ``candidates``; ``metrics`` adds ``ctc_wer`` / ``ctc_per`` over the transcript rows.
@@ -60,7 +60,7 @@ def build_speech_decoder(settings: Mapping[str, Any], objectives: Sequence[Any],
                          train_files: Sequence[str]) -> SpeechDecoder | None:
     """The decoder an evaluation of this chain needs (``settings``: the eval config); None: plain greedy."""
     objective = next((o for o in objectives if isinstance(o, CtcObjective)), None)
-    spec = DecodeSpec(int(settings.get("num_beams", 1)), float(settings.get("ctc_weight", 0.0)),
+    spec = DecodeSpec(int(settings.get("num_beams", 1)), float(settings.get("joint_weight", 0.0)),
                       float(settings.get("length_bonus", 0.0)), int(settings.get("ctc_beams", 0)),
                       int(settings.get("score_batch", 0)))
     if objective is not None and objective.phonemes:  # words from phonemes: lexicon + word LM

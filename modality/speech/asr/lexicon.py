@@ -124,10 +124,10 @@ def _top_homophones(lexicon: dict[str, list[tuple[str, ...]]], lm: NgramLM | Non
 
 class LexiconDecoder:
     """CTC log-probs over phoneme ``classes`` -> n-best word sequences, constrained to ``lexicon``, scored
-    acoustics + ``lm_weight`` x LM + ``word_score`` per word. ``classes[0]`` must be the blank."""
+    acoustics + ``ngram_weight`` x LM + ``word_score`` per word. ``classes[0]`` must be the blank."""
 
     def __init__(self, classes: Sequence[str], lexicon: dict[str, list[tuple[str, ...]]], lm: NgramLM | None,
-                 nbest: int = 10, beam_size: int = 100, lm_weight: float = 1.0, word_score: float = 0.0,
+                 nbest: int = 10, beam_size: int = 100, ngram_weight: float = 1.0, word_score: float = 0.0,
                  beam_threshold: float = 25.0):
         from torchaudio.models.decoder import (
             CTCDecoderLM,
@@ -170,7 +170,7 @@ class LexiconDecoder:
         self._lm = _LM() if lm is not None else None
         self.decoder = ctc_decoder(lexicon=str(tmp / "lexicon.txt"), tokens=list(classes), lm=self._lm,
                                    lm_dict=str(tmp / "words.txt"), nbest=nbest, beam_size=beam_size,
-                                   beam_threshold=beam_threshold, lm_weight=lm_weight if lm is not None else 0.0,
+                                   beam_threshold=beam_threshold, lm_weight=ngram_weight if lm is not None else 0.0,
                                    word_score=word_score, blank_token=BLANK, sil_token=WORD, unk_word=UNK)
 
     def __call__(self, logp: torch.Tensor, lengths: torch.Tensor) -> list[list[tuple[str, float]]]:
@@ -228,7 +228,7 @@ def word_decoder(classes: Sequence[str], phonemizer: Phonemizer, spec: Any, trai
     lm = NgramLM(sents, lex)
     log.info("lexicon: %d words, LM text: %d sentences from %d files", len(lex), len(texts), len(files) - len(missing))
     dec = LexiconDecoder(classes, lex, lm, nbest=int(get("nbest", 10)), beam_size=int(get("beam", 100)),
-                         lm_weight=float(get("lm_weight", 0.5)), word_score=float(get("word_score", 1.0)))
+                         ngram_weight=float(get("ngram_weight", 0.5)), word_score=float(get("word_score", 1.0)))
     dec.llm_weight = float(get("llm_weight", 0.0))
     return dec
 

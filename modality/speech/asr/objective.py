@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from modality.base import Objective
-from modality.speech.asr.ctc import (UnitSegmenter, class_index, corpus_vocab, cosine_logits, ctc_compress, ctc_loss,
+from modality.speech.asr.ctc import (SpellingSegmenter, class_index, corpus_vocab, cosine_logits, ctc_compress, ctc_loss,
                                      greedy_ctc_decode, linear_head, single_char_tokens, to_classes)
 from modality.speech.asr.phonemes import BLANK, WORD, Phonemizer, phoneme_inventory
 
@@ -65,7 +65,7 @@ class CtcObjective(Objective):
         elif classifier == "linear" and vocab is None:
             raise ValueError("a linear CTC classifier needs a class vocabulary (stage.ctc_vocab=corpus)")
         self.vocab = vocab
-        self.segmenter = UnitSegmenter(tokenizer, vocab) if vocab is not None else None
+        self.segmenter = SpellingSegmenter(tokenizer, vocab) if vocab is not None else None
         self.classifier = classifier
         self.head = None
         if classifier == "linear":

@@ -2,7 +2,7 @@
 
     python -m modality.speech.corpus.dev_split data_cache/speech_long/eval.jsonl --skip 100 --n 100 --out data_cache/speech_long/eval_dev.jsonl
 
-Why: decoder weights (eval.lexicon.lm_weight, word_score, llm_weight) tuned on the clips they are reported on
+Why: decoder weights (eval.lexicon.ngram_weight, word_score, llm_weight) tuned on the clips they are reported on
 would flatter the result, and the training voices (val.jsonl) are easier than held-out ones (greedy phoneme
 error 13.9 % vs 21.5 % at step 500), so weights tuned there trust the recognizer too much. This takes the
 manifest's first ``skip`` clips as the reported set and returns ``n`` later clips, one per sentence, whose

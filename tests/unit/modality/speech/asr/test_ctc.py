@@ -179,12 +179,12 @@ def test_ctc_only_step_never_calls_the_llm_and_weights_must_make_sense(tiny_lm, 
 
 
 def test_unit_segmenter_respells_rare_words_with_units_and_keeps_the_text(tiny_lm):
-    from modality.speech.asr.ctc import UnitSegmenter, single_char_tokens
+    from modality.speech.asr.ctc import SpellingSegmenter, single_char_tokens
 
     tok = tiny_lm.tokenizer
     common = tok.encode(" the cat sat on the mat", add_special_tokens=False)
     vocab = corpus_vocab([common], [0], always=single_char_tokens(tok))
-    seg = UnitSegmenter(tok, vocab)
+    seg = SpellingSegmenter(tok, vocab)
     assert seg(common) == common                                      # words made of units stay as written
     rare = tok.encode(" the rhinoceros sat", add_special_tokens=False)
     out = seg(rare)

@@ -103,7 +103,7 @@ def test_pick_trades_the_llm_against_the_audio():
     with pytest.raises(ValueError):
         DecodeSpec(num_beams=0)
     with pytest.raises(ValueError):
-        DecodeSpec(ctc_weight=1.5)
+        DecodeSpec(joint_weight=1.5)
 
 
 def _asr(i: int, ref: str, clips: int = 1) -> dict:
@@ -113,7 +113,7 @@ def _asr(i: int, ref: str, clips: int = 1) -> dict:
 
 
 def test_joint_decoding_keeps_what_the_audio_supports(tiny_lm, toy_modality, tmp_path, capsys):
-    """The CTC classifier says " hello" everywhere; a random LLM babbles. With ctc_weight=1 every one-clip
+    """The CTC classifier says " hello" everywhere; a random LLM babbles. With joint_weight=1 every one-clip
     transcript becomes the readout; other samples keep the LLM's best beam; rows keep scored candidates
     from which the sweep CLI re-picks."""
     from tasks.evaluate import WER_TYPES, run_generation, wer
@@ -124,7 +124,7 @@ def test_joint_decoding_keeps_what_the_audio_supports(tiny_lm, toy_modality, tmp
     model = build(tiny_lm, toy_modality, "align").eval()
     tok = tiny_lm.tokenizer
     with pytest.raises(ValueError, match="needs a chain trained with CTC classes"):  # not a silent greedy decode
-        joint_decode(model, None, batch_for(model, [_asr(0, "hello")], generate=True), 4, DecodeSpec(ctc_weight=0.5),
+        joint_decode(model, None, batch_for(model, [_asr(0, "hello")], generate=True), 4, DecodeSpec(joint_weight=0.5),
                      WER_TYPES)
     hello = tok.encode(" hello", add_special_tokens=False)
     blank = model.placeholder_ids["toy"]
@@ -141,7 +141,7 @@ def test_joint_decoding_keeps_what_the_audio_supports(tiny_lm, toy_modality, tmp
     greedy = model.generate(batch, max_new_tokens=4)
     assert "hello" not in greedy[:2]                     # the random LLM does not say it
     texts, readouts, cands = joint_decode(model, objective, batch, 4,
-                                          DecodeSpec(num_beams=2, ctc_weight=1.0, ctc_beams=3), WER_TYPES)
+                                          DecodeSpec(num_beams=2, joint_weight=1.0, ctc_beams=3), WER_TYPES)
     assert texts[:2] == ["hello", "hello"] and readouts[:2] == ["hello", "hello"] and readouts[2] is None
     assert cands[2] is None and cands[3] is None         # two clips / not a transcript: the LLM's best beam
     beams = model.llm.generate(inputs_embeds=model.embed(batch)[0], attention_mask=model.embed(batch)[2],
@@ -155,7 +155,7 @@ def test_joint_decoding_keeps_what_the_audio_supports(tiny_lm, toy_modality, tmp
 
     calls = []
     model.adapt_all = lambda b, f=model.adapt_all: calls.append(1) or f(b)  # type: ignore[method-assign]
-    model.decoder = SpeechDecoder(objective, DecodeSpec(num_beams=2, ctc_weight=1.0))
+    model.decoder = SpeechDecoder(objective, DecodeSpec(num_beams=2, joint_weight=1.0))
     m = run_generation(model, [batch], 4, tmp_path / "p.jsonl")
     assert len(calls) == 1  # answer, readout, spellings and CTC scores share one adaptor pass
     def strict(c):
@@ -175,7 +175,7 @@ def test_joint_decoding_keeps_what_the_audio_supports(tiny_lm, toy_modality, tmp
     capsys.readouterr()
     main([str(tmp_path / "made.jsonl"), "--weights", "0,1"])
     out = capsys.readouterr().out
-    assert "best: ctc_weight=1.0" in out and "(3 transcripts)" in out and "oracle" in out
+    assert "best: joint_weight=1.0" in out and "(3 transcripts)" in out and "oracle" in out
     # the oracle takes each clip's closest candidate whatever its scores: "what was said" wins on the made row
     o = oracle(made)
     assert o == {"wer": 0.0, "samples": 1, "best_source": {"?": 1}}

@@ -92,7 +92,7 @@ def test_decoder_finds_a_word_no_sentence_had_and_the_lm_picks_homophones(ph):
     classes = phoneme_inventory(ph(texts + ["there zebra"]))
     lex = build_lexicon(words, ph, classes)
     lm = NgramLM([t.split() for t in texts], lex)
-    dec = LexiconDecoder(classes, lex, lm, nbest=3, lm_weight=1.0)
+    dec = LexiconDecoder(classes, lex, lm, nbest=3, ngram_weight=1.0)
     (best, *_), = dec(emissions(ph(["the zebra sat"])[0], classes), torch.tensor([3 * len(ph(["the zebra sat"])[0])]))
     assert best[0] == "the zebra sat"  # zebra: in the lexicon only
     phones = ph(["there cat sat"])[0]
@@ -165,7 +165,7 @@ def test_the_most_frequent_of_many_homophones_keeps_its_place(ph):
     names = [f"w{k}" for k in range(8)]  # eight words, one pronunciation: flashlight keeps six
     lex = {w: [pron] for w in names}
     lm = NgramLM([["w7"]] * 5 + [[w] for w in names[:6]], lex)
-    dec = LexiconDecoder(classes, lex, lm, nbest=8, lm_weight=1.0)
+    dec = LexiconDecoder(classes, lex, lm, nbest=8, ngram_weight=1.0)
     assert len(dec.words) == 6 + 1 and "w7" in dec.words and "w6" not in dec.words  # + <unk>; w6: never in the text
     hyps, = dec(emissions(list(pron), classes), torch.tensor([3 * len(pron)]))
     assert hyps[0][0] == "w7" and {h[0] for h in hyps} <= set(dec.words)
