@@ -13,6 +13,8 @@ from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from data.jsonl import iter_jsonl
+
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "system": "system"}
 def _check_record(rec: Any, where: str, modalities: tuple[str, ...]) -> None:
@@ -42,23 +44,18 @@ def read_records(path: str | Path, modalities: tuple[str, ...] = (), seed: int =
         raise ValueError(f"{path}: records file not found")
     rng = random.Random(seed)
     raw: list[tuple[str, Any]] = []
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         try:
-            data = json.loads(text)
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of records")
         raw = [(f"{path}#{i}", r) for i, r in enumerate(data)]
     else:
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                raw.append((f"{path}:{n}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
+        raw = [(f"{path}:{n}", rec) for n, rec in iter_jsonl(path)]
     out = []
     for where, rec in raw:
         if isinstance(rec, dict) and "conversations" not in rec:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from data.jsonl import read_jsonl
 from modality.base import Modality
 from modality.speech.records import manifest_record
 from modality.speech.plugin import PACKAGED, SAMPLE_RATE, SpeechModality
@@ -187,7 +188,7 @@ class SpeechUnitsModality(Modality):
         if not manifest:
             raise ValueError(f"{path}: no unit codebook; set modality.fit_manifest=<train manifest> to fit one "
                              f"(k-means over encoder frames, saved there)")
-        rows = [json.loads(x) for x in Path(manifest).read_text().splitlines() if x.strip()][:clips]
+        rows = read_jsonl(manifest)[:clips]
         paths = [self.front.resolve(r["audio_filepath"], str(Path(manifest).parent)) for r in rows]
         frames = torch.cat([self._pooled(self._hidden(p)) for p in self._progress(paths, "unit codebook: encode")])
         log.info("fitting %d units on %d frames of %d clips", self.hp.n_units, frames.shape[0], len(paths))

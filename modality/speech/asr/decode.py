@@ -316,14 +316,14 @@ def sweep(rows: list[dict], weights: list[float], bonuses: list[float]) -> list[
 
 
 def main(argv: list[str] | None = None) -> None:
-    from modality.speech.corpus.tts import read_manifest
+    from data.jsonl import read_jsonl
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("predictions", help="predictions.jsonl of an evaluation run with eval.joint_weight > 0")
     ap.add_argument("--weights", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1")
     ap.add_argument("--bonus", default="0", help="length bonuses (per token), comma-separated")
     a = ap.parse_args(argv)
-    rows = read_manifest(a.predictions)
+    rows = read_jsonl(a.predictions)
     table = sweep(rows, [float(x) for x in a.weights.split(",")], [float(x) for x in a.bonus.split(",")])
     print("joint_weight  length_bonus  wer")
     for r in table:

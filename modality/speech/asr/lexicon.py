@@ -181,21 +181,10 @@ class LexiconDecoder:
 
 def read_texts(files: Iterable[str]) -> list[str]:
     """Distinct transcripts (``text`` fields) of JSONL manifests; missing files are skipped (logged by the caller)."""
-    import json
+    from data.jsonl import read_jsonl
 
-    texts: set[str] = set()
-    for f in files:
-        p = Path(f)
-        if not p.is_file():
-            continue
-        for n, line in enumerate(p.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}:{n}: malformed JSON ({e.msg})") from None
-                if isinstance(row, dict) and row.get("text"):
-                    texts.add(row["text"])
+    texts = {row["text"] for f in files if Path(f).is_file() for row in read_jsonl(f)
+             if isinstance(row, dict) and row.get("text")}
     return sorted(texts)
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from modality.speech.records import read_speech_records
-from modality.speech.corpus.tts import read_manifest
+from data.jsonl import read_jsonl
 from tasks.evaluate import WER_TYPES, normalize
 
 BANDS: tuple[tuple[str, int, int], ...] = (
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     p.add_argument("--train", action="append", required=True, help="a training manifest (repeatable)")
     p.add_argument("--field", default="prediction", help="prediction (the LLM) or ctc_readout (the adaptor)")
     args = p.parse_args(argv)
-    rows = read_manifest(args.predictions)
+    rows = read_jsonl(args.predictions)
     out = recall_by_band(rows, training_counts(args.train), args.field)
     total = sum(b["words"] for b in out.values())
     print(f"{args.field} of {args.predictions}: {total} reference words")

@@ -30,11 +30,11 @@ from modality.speech.corpus.conversations import (
     make_conversations,
     make_problem,
 )
+from data.jsonl import read_jsonl
 from modality.speech.corpus.tts import (
     build_corpus,
     plan_split,
     prune,
-    read_manifest,
     render,
     sample_spec,
     split_voices,
@@ -79,7 +79,7 @@ def build_instruct(out: Path, n_train: int, n_eval: int, jobs: int, seed: int) -
     for split, n, manifest in (("train", n_train, "train.jsonl"), ("eval", n_eval, "eval.jsonl")):
         if not (out / manifest).exists():
             raise FileNotFoundError(f"{out / manifest} is missing: build the align manifests first")
-        pool = read_manifest(out / manifest)
+        pool = read_jsonl(out / manifest)
         k = expected_arithmetic(n, seed, split)
         problems = [make_problem(random.Random(f"{seed}:arith:{split}:{i}")) for i in range(k)]
         specs = [sample_spec(p.text, random.Random(f"{seed}:arith-voice:{split}:{i}"), *voices[split]) for i, p in enumerate(problems)]

@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+from data.jsonl import read_jsonl
+
 
 def dev_split(rows: list[dict], skip: int, n: int) -> list[dict]:
     reported = {r["text"] for r in rows[:skip]}
@@ -39,13 +41,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    rows = []
-    for k, line in enumerate(Path(args.manifest).read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{args.manifest}:{k}: malformed JSON ({e.msg})") from None
+    try:
+        rows = read_jsonl(args.manifest)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     dev = dev_split(rows, args.skip, args.n)
     Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in dev))
     print(f"{args.out}: {len(dev)} clips, sentences disjoint from the first {args.skip} of {args.manifest}")

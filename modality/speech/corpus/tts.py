@@ -24,6 +24,7 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import resample_poly
 from tqdm import tqdm
+from data.jsonl import read_jsonl
 
 SAMPLE_RATE = 16_000
 SYNTH_VERSION = 1  # bump to force every clip to be re-synthesised
@@ -246,19 +247,6 @@ def write_manifest(path: str | Path, rows: Iterable[dict]) -> int:
     return n
 
 
-def read_manifest(path: str | Path) -> list[dict]:
-    """Read a JSONL file (a manifest, predictions.jsonl); a bad line raises ValueError naming the file and line."""
-    rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: malformed JSON line ({e.msg})") from None
-    return rows
-
-
 def render(
     specs: Sequence[ClipSpec], out_dir: Path, wav_subdir: str, split: str, jobs: int,
     extras: Sequence[dict] | None = None, previous: str | Path | None = None,
@@ -272,7 +260,7 @@ def render(
     known: dict[str, dict] = {}
     if previous is not None and Path(previous).exists():
         try:
-            known = {r["audio_filepath"]: r for r in read_manifest(previous)}
+            known = {r["audio_filepath"]: r for r in read_jsonl(previous)}
         except (ValueError, KeyError):
             known = {}  # unreadable old manifest: re-measure everything
     todo = [i for i, r in enumerate(rel) if r not in known or not (out_dir / r).is_file()]

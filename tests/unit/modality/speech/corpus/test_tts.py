@@ -13,6 +13,7 @@ import pytest
 import soundfile as sf
 
 from modality.speech.corpus import sentences as S
+from data.jsonl import read_jsonl
 from modality.speech.corpus import tts as T
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed (apt-get install espeak-ng)")
@@ -171,7 +172,7 @@ def test_read_manifest_bad_line_names_file(tmp_path: Path) -> None:
     p = tmp_path / "m.jsonl"
     p.write_text('{"text": "ok"}\n{oops\n')
     with pytest.raises(ValueError, match=r"m\.jsonl:2"):
-        T.read_manifest(p)
+        read_jsonl(p)
 
 
 SENTS = {
@@ -185,7 +186,7 @@ SENTS = {
 def test_tiny_corpus_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     stats = T.build_corpus(tmp_path, 6, SENTS, jobs=1, seed=3, eval_fraction=0.34, val_fraction=0.17)
     assert (stats["train"], stats["val"], stats["eval"], stats["failed"]) == (3, 1, 2, 0)
-    rows = {s: T.read_manifest(tmp_path / f"{s}.jsonl") for s in ("train", "val", "eval")}
+    rows = {s: read_jsonl(tmp_path / f"{s}.jsonl") for s in ("train", "val", "eval")}
     for split, rs in rows.items():
         for r in rs:
             assert r["split"] == split and r["text"] in SENTS[split]
