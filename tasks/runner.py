@@ -14,7 +14,8 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig as Config
+from omegaconf import OmegaConf
 
 from llm.lora import LoraSpec
 from llm.tokens import add_placeholder_tokens
@@ -44,7 +45,7 @@ class RunParts:
     make_trainer: Callable[..., L.Trainer]
 
 
-def instantiate_accepting(node: DictConfig, **runtime: Any) -> Any:
+def instantiate_accepting(node: Config, **runtime: Any) -> Any:
     """Instantiate ``node`` passing only the runtime kwargs its target accepts."""
     target = _locate(node["_target_"])
     params = inspect.signature(target).parameters
@@ -59,12 +60,12 @@ def _locate(path: str) -> Any:
     return get_object(path)
 
 
-def stage_policy(cfg: DictConfig) -> StagePolicy:
+def stage_policy(cfg: Config) -> StagePolicy:
     fields = inspect.signature(StagePolicy).parameters
     return StagePolicy(**{k: v for k, v in cfg.stage.items() if k in fields})
 
 
-def build_trainer(cfg: DictConfig, out: Path, callbacks: list[L.Callback]) -> L.Trainer:
+def build_trainer(cfg: Config, out: Path, callbacks: list[L.Callback]) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step}", save_last=True,
@@ -80,7 +81,7 @@ RUNTIME_MODALITY_KEYS = ("d_llm", "target_rms")  # filled from the LLM at run ti
 ARCH_MODALITY_KEYS = ("encoder_name", "encoder_layers", "stack", "adaptor", "hidden", "layers", "heads")
 
 
-def _inherit_modality(cfg: DictConfig, metas: list[dict], keys: tuple[str, ...] | None = None) -> dict[str, Any]:
+def _inherit_modality(cfg: Config, metas: list[dict], keys: tuple[str, ...] | None = None) -> dict[str, Any]:
     """stage=evaluate / instruct build the modality as the chain trained it (adaptor kind, widths, compression,
     ...), so ``stage=instruct|evaluate init_from=<run>`` works for any run; keys given on the command line win.
     An align run continuing an align run takes only ``keys`` (the architecture, ARCH_MODALITY_KEYS): it may
@@ -100,7 +101,7 @@ def _inherit_modality(cfg: DictConfig, metas: list[dict], keys: tuple[str, ...] 
             if k not in given and k not in RUNTIME_MODALITY_KEYS and (keys is None or k in keys) and cfg.modality.get(k) != v}
 
 
-def _prerequisite(cfg: DictConfig, policy: StagePolicy, modality: Any, metas: list[dict]) -> list[dict]:
+def _prerequisite(cfg: Config, policy: StagePolicy, modality: Any, metas: list[dict]) -> list[dict]:
     """``metas`` (the init_from chain's, newest first), after checking the stage may start."""
     needs = policy.requires
     if policy.name == "align" and modality.align_requires:
@@ -117,7 +118,7 @@ def _prerequisite(cfg: DictConfig, policy: StagePolicy, modality: Any, metas: li
     return metas
 
 
-def _check_scale(cfg: DictConfig) -> int:
+def _check_scale(cfg: Config) -> int:
     """World size, precision and quant backend checked before any work (llm.sharding.check_scale); returns the
     per-device batch: data.batch_size, or with +global_batch_size=N, N / (world x accumulate), exactly.
     """
@@ -131,7 +132,7 @@ def _check_scale(cfg: DictConfig) -> int:
     return scale.per_device_batch
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(cfg: Config) -> dict[str, Any]:
     """Run one stage as configured; returns (and writes to <output_dir>/metrics.json) its metrics."""
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -241,7 +242,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return _write_metrics(out, metrics) if zero else metrics
 
 
-def _run_standalone(cfg: DictConfig, out: Path, policy: StagePolicy, batch_size: int) -> dict[str, Any]:
+def _run_standalone(cfg: Config, out: Path, policy: StagePolicy, batch_size: int) -> dict[str, Any]:
     """A standalone stage (conf/stage with standalone: true): the modality trains its encoder alone, with its own
     Lightning hooks, on ``cfg.data``; then the plugin's held-out report."""
     from llm.sharding import full_state_dict, is_sharded
@@ -295,7 +296,7 @@ def _precompute_caches(dm: Any, modalities: dict[str, Any]) -> None:
         log.info("%s encoder cache: %s", name, counts)
 
 
-def _train_files(cfg: DictConfig) -> list[str]:
+def _train_files(cfg: Config) -> list[str]:
     files = cfg.data.get("train_files")
     if files is None:
         return []
