@@ -16,6 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig as Config
 from omegaconf import OmegaConf
+from hydra.core.hydra_config import HydraConfig
 
 from llm.lora import LoraSpec
 from llm.tokens import add_placeholder_tokens
@@ -139,6 +140,10 @@ def run(cfg: Config) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     policy = stage_policy(cfg)
+    if cfg.get("data") is None:
+        name = HydraConfig.get().runtime.choices.get("modality") if HydraConfig.initialized() else None
+        raise UsageError(f"stage={policy.name} modality={name or '?'}: no data config (add conf/data/<modality>_"
+                         f"<stage>.yaml, or a data: node in the modality's own config file)")
     batch_size = _check_scale(cfg)
     if policy.standalone:
         return _run_standalone(cfg, out, policy, batch_size)

@@ -1,5 +1,5 @@
-"""A third modality is one package plus its config: this file holds the plugin (``Vectors``), the test writes its
-two config files into a folder on Hydra's search path, and align -> instruct -> evaluate run through the real
+"""A third modality is one package plus one config file: this file holds the plugin (``Vectors``), the test writes
+its config (modality and data in one file) into a folder on Hydra's search path, and align -> instruct -> evaluate run through the real
 runner (``tasks.runner.run``) with nothing in the core (tasks/, data/, llm/, conf/) touched.
 
 The task is learnable from the input alone: a clip of random 4-d vectors whose mean first coordinate is positive
@@ -19,22 +19,23 @@ from modality.base import Modality
 from tests.integration.test_pipeline import cfg_for
 from tasks.runner import UsageError, run
 
-MODALITY_YAML = """\
-_target_: tests.integration.test_new_modality.Vectors
-d_llm: ???
-target_rms: null
-hidden: 16
+CONFIG = """\
+# @package _global_
+modality:
+  _target_: tests.integration.test_new_modality.Vectors
+  d_llm: ???
+  target_rms: null
+  hidden: 16
+data:          # used for every stage (no conf/data/vec_<stage>.yaml exists)
+  _target_: data.datamodule.ConversationDataModule
+  train_files: ???
+  val_files: null
+  eval_files: null
+  batch_size: 4
+  eval_batch_size: 8
+  max_length: 256
 """
 pytestmark = pytest.mark.slow
-DATA_YAML = """\
-_target_: data.datamodule.ConversationDataModule
-train_files: ???
-val_files: null
-eval_files: null
-batch_size: 4
-eval_batch_size: 8
-max_length: 256
-"""
 
 
 def vectors(ref: str) -> Tensor:
@@ -89,11 +90,9 @@ def write(path: Path, recs: list[dict]) -> Path:
 def test_a_third_modality_is_one_package_plus_its_config(tmp_path):
     conf = tmp_path / "conf"
     (conf / "modality").mkdir(parents=True)
-    (conf / "data").mkdir()
-    (conf / "modality" / "vec.yaml").write_text(MODALITY_YAML)
-    (conf / "data" / "vec.yaml").write_text(DATA_YAML)
+    (conf / "modality" / "vec.yaml").write_text(CONFIG)
     train, ev = write(tmp_path / "train.jsonl", records(24, 0)), write(tmp_path / "eval.jsonl", records(6, 100))
-    common = [f"hydra.searchpath=[file://{conf}]", "modality=vec", "data=vec", "llm=tiny", "trainer.max_steps=3",
+    common = [f"hydra.searchpath=[file://{conf}]", "modality=vec", "llm=tiny", "trainer.max_steps=3",
               "eval.max_new_tokens=3", "eval.before=false", "trainer.enable_model_summary=false",
               "trainer.limit_val_batches=0", f"data.train_files={train}", f"data.eval_files={ev}"]
     align = run(cfg_for(common + ["stage=align", f"paths.output_dir={tmp_path}/align"]))
@@ -115,3 +114,8 @@ def test_a_third_modality_is_one_package_plus_its_config(tmp_path):
         assert "needs init_from" in str(e)
     else:
         raise AssertionError("instruct without an align run must be refused")
+
+
+def test_a_stage_without_a_data_config_is_one_line():
+    with pytest.raises(UsageError, match=r"stage=forecast modality=speech: no data config"):
+        run(cfg_for(["modality=speech", "stage=forecast", "llm=tiny", "paths.output_dir=/tmp/unused"]))
