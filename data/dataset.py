@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from torch.utils.data import Dataset
@@ -33,11 +34,29 @@ class ConversationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _fill(self, rec: dict, messages: list[dict]) -> list[dict]:
+        """Write a ``"fill": <modality>`` record's ``{field}`` answer templates with that plugin's answer_fields."""
+        where, name = rec.get("where", rec.get("id")), rec["fill"]
+        if name not in self.modalities or not rec.get(name):
+            raise ValueError(f"{where}: 'fill': {name!r} names no {name} input of this run")
+        fields = self.modalities[name].answer_fields(rec[name][0], rec.get("root"))
+        out = []
+        for msg in messages:
+            text = msg["content"]
+            for k, v in fields.items():
+                text = text.replace("{" + k + "}", v)
+            left = re.findall(r"\{[a-z_]+\}", text)
+            if left:
+                raise ValueError(f"{where}: {name} cannot fill {left[0]} (it fills {sorted(fields)})")
+            out.append({**msg, "content": text})
+        return out
+
     def __getitem__(self, i: int) -> dict:
         rec = self.records[i]
         try:
             inputs: dict[str, list] = {}
             kinds: dict[str, str] = {}
+            readings: dict[str, list] = {}
             for name, m in self.modalities.items():
                 refs = rec.get(name) or []
                 for ref in refs:
@@ -45,11 +64,14 @@ class ConversationDataset(Dataset):
                     if kinds.setdefault(name, kind) != kind:
                         raise ValueError(f"{rec['where']}: mixed input kinds for {name}")
                     inputs.setdefault(name, []).append(tensor)
+                    readings.setdefault(name, []).append(m.reading(ref, rec.get("root")))
             messages = to_messages(rec)
+            if rec.get("fill"):
+                messages = self._fill(rec, messages)
             if self.system_prompt is not None and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": self.system_prompt}] + messages
             return {"id": rec["id"], "where": rec.get("where", rec["id"]), "messages": messages,
-                    "inputs": inputs, "kinds": kinds, "type": rec.get("type", "chat"),
+                    "inputs": inputs, "kinds": kinds, "readings": readings, "type": rec.get("type", "chat"),
                     "reference": rec.get("reference")}
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             if not self.skip_bad:

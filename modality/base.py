@@ -91,6 +91,18 @@ class Modality(L.LightningModule, abc.ABC):
         """Reference -> (tensor, kind). kind is "features" (encode) or "hidden" (cached encoder output, adapt only)."""
         return self.featurize(self.load(ref, root)), "features"
 
+    def reading(self, ref: Any, root: str | None = None) -> str | None:
+        """Words the plugin reads off an input by fixed rules (e.g. a price window's indicators), placed as
+        ordinary text tokens right after its embeddings; None: embeddings only. Why: what a rule computes
+        exactly (a drawdown to the percent) the LLM can copy, and the learned positions carry the rest."""
+        return None
+
+    def answer_fields(self, ref: Any, root: str | None = None) -> dict[str, str]:
+        """Answers a record names as ``{field}`` templates (a record with ``"fill": <this plugin>``), written from what
+        the frozen encoder computes for this input when the record loads: teacher answers that never go stale when
+        the encoder changes (e.g. the forecaster's call, which the LLM learns to state)."""
+        return {}
+
     @abc.abstractmethod
     def featurize(self, raw: Any) -> Tensor:
         """Turn one raw input (waveform, price window, ...) into features [T, F]. CPU, no grad."""

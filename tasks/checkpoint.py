@@ -7,6 +7,7 @@ encoder a standalone stage pretrained, the adaptor (align) and its own LoRA, eac
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,14 @@ import torch
 from torch import nn
 
 META_KEY = "mmlm"
+PACKED_WEIGHTS, PACKED_META = "model.safetensors", "mmlm.json"  # a packed model folder (tasks.pack)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory (-> checkpoints/last.ckpt) or a .ckpt file."""
+    """A run directory (-> checkpoints/last.ckpt), a packed model folder (tasks.pack) or a .ckpt file."""
     p = Path(path)
+    if p.is_dir() and (p / PACKED_META).is_file():
+        return p.resolve()
     if p.is_dir():
         for cand in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
             if cand.exists():
@@ -31,6 +35,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_checkpoint(path: Path) -> dict:
+    if path.is_dir():  # a packed folder: fp16 safetensors + its metadata, read as one fp32 checkpoint
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path / PACKED_WEIGHTS))
+            meta = json.loads((path / PACKED_META).read_text())
+        except (OSError, ValueError, SafetensorError) as e:
+            raise ValueError(f"{path}: not a readable packed model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        return {"state_dict": {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, META_KEY: meta}
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if META_KEY not in ckpt:
         raise ValueError(f"{path}: not an mmlm checkpoint (no '{META_KEY}' metadata)")

@@ -73,6 +73,16 @@ def answer_correct(reference: str, prediction: str) -> bool:
     return any(hyp[i:i + len(ref)] == ref for i in range(len(hyp) - len(ref) + 1))
 
 
+def interval_covers(reference: str, prediction: str) -> bool:
+    """A ``*_band`` answer: the first two percentages the prediction states bound the realised value
+    ``reference`` (a number). Why: a stated range is right when what happened falls inside it."""
+    nums = [float(x) for x in re.findall(r"([+-]?\d+(?:\.\d+)?)\s*%", prediction)[:2]]
+    if len(nums) < 2:
+        return False
+    lo, hi = sorted(nums)
+    return lo <= float(reference) <= hi
+
+
 def score(types: list[str], refs: list[str], preds: list[str]) -> dict[str, float]:
     """WER over transcript-type samples; accuracy per other question type and overall."""
     by_type: dict[str, list[tuple[str, str]]] = defaultdict(list)
@@ -86,7 +96,8 @@ def score(types: list[str], refs: list[str], preds: list[str]) -> dict[str, floa
     for t, pairs in sorted(by_type.items()):
         if t in WER_TYPES:
             continue
-        hits = sum(answer_correct(r, p) for r, p in pairs)
+        judge = interval_covers if t.endswith("_band") else answer_correct
+        hits = sum(judge(r, p) for r, p in pairs)
         out[f"accuracy/{t}"] = round(hits / len(pairs), 4)
         acc_total += hits
         acc_n += len(pairs)

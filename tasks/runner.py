@@ -113,7 +113,7 @@ def _prerequisite(cfg: Config, policy: StagePolicy, modality: Any, metas: list[d
                              f"or .ckpt> (run `python train.py stage={needs} modality={modality.name}` first; "
                              f"allow_no_init=true starts from scratch anyway)")
         return []
-    stages = [m["stage"] for m in metas]
+    stages = [st for m in metas for st in m.get("stages", [m["stage"]])]  # a packed model lists its chain's
     if needs and needs not in stages and policy.name not in stages and needs != "any":
         raise UsageError(f"init_from={cfg.init_from} holds stages {stages}; stage={policy.name} needs a {needs} run")
     return metas

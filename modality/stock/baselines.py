@@ -65,6 +65,32 @@ def majority(types: list[str], refs: list[str]) -> dict[str, float]:
     return score(types, refs, [common[t] for t in types])
 
 
+def filled(rec: dict, stock: Any) -> dict:
+    """``rec`` with its ``{field}`` answer templates written by the stock plugin (the forecaster's call) and
+    no ``fill`` key: the text baseline learns the same answers without the plugin."""
+    if not rec.get("fill"):
+        return rec
+    fields = stock.answer_fields(rec["stock"][0], rec.get("root"))
+    conv = [{**t, "value": _fill_text(t["value"], fields)} for t in rec["conversations"]]
+    return {**{k: v for k, v in rec.items() if k != "fill"}, "conversations": conv}
+
+
+def _fill_text(text: str, fields: dict[str, str]) -> str:
+    for k, v in fields.items():
+        text = text.replace("{" + k + "}", v)
+    return text
+
+
+def forecaster_head(records: list[dict], stock: Any) -> dict[str, float]:
+    """The forecaster's own call on the forecast questions (no LLM): what the LLM should not lose."""
+    recs = [r for r in records if str(r.get("type", "")).startswith("forecast_")]
+    if not recs:
+        return {}
+    preds = [stock.answer_fields(r["stock"][0], r.get("root"))[r["type"]] for r in recs]
+    m = score([r["type"] for r in recs], [r["reference"] for r in recs], preds)
+    return {k: v for k, v in m.items() if k.startswith("accuracy/")}
+
+
 def text_loader(records: list[dict], tokenizer: Any, batch_size: int, max_length: int, generate: bool,
                 shuffle: bool = False, system_prompt: str | None = None) -> DataLoader:
     """Text records prompted the way the run prompts its own (``system_prompt``: the run's data.system_prompt)."""
@@ -81,14 +107,16 @@ def run_text_baseline(model: Any, dm: Any, out: Path, parts: Any, write: bool = 
     if not settings or not dm.files.get("eval"):
         return {}
     spec = TextBaselineSpec(**settings)
-    load = model.modalities["stock"].load
+    stock = model.modalities["stock"]
+    load = stock.load
     render = {"n_closes": spec.n_closes, "signals": spec.signals}
-    eval_recs = [as_text_record(r, load, **render) for r in dm.records("eval")]
+    eval_recs = [as_text_record(filled(r, stock), load, **render) for r in dm.records("eval")]
     if write:
         write_records(eval_recs, out / "text_baseline" / "eval.jsonl")
     metrics: dict[str, Any] = {}
     types, refs = [r.get("type", "chat") for r in eval_recs], [r.get("reference") or "" for r in eval_recs]
     metrics.update({f"majority/{k}": v for k, v in majority(types, refs).items() if k != "eval_samples"})
+    metrics.update({f"forecaster/{k}": v for k, v in forecaster_head(dm.records("eval"), stock).items()})
     max_new = parts.max_new_tokens
     loader = text_loader(eval_recs, model.tokenizer, dm.eval_batch_size, spec.max_length, generate=True,
                          system_prompt=dm.system_prompt)
@@ -98,7 +126,7 @@ def run_text_baseline(model: Any, dm: Any, out: Path, parts: Any, write: bool = 
                                desc="text baseline (zero-shot)", progress=write)
         metrics.update({f"text_zero_shot/{k}": v for k, v in m.items()})
     if spec.train_lora and model.stage.name == "instruct" and dm.files.get("train"):
-        train_recs = [as_text_record(r, load, **render) for r in dm.records("train")]
+        train_recs = [as_text_record(filled(r, stock), load, **render) for r in dm.records("train")]
         metrics.update(train_text_lora(parts, train_recs, eval_recs, dm, spec, out, write))
     return metrics
 

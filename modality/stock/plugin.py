@@ -108,6 +108,7 @@ class StockModality(Modality):
         weight_decay: float = 0.01,
         vol_weight: float = 0.5,
         columns: Mapping[str, str] | None = None,
+        reading: bool = True,
     ) -> None:
         super().__init__()
         # plain Python types (Hydra passes ListConfig/DictConfig) so checkpoints load with weights_only=True
@@ -128,6 +129,8 @@ class StockModality(Modality):
         self.n_tokens, self.d_llm, self.checkpoint = n_tokens, d_llm, checkpoint
         self.lr, self.weight_decay, self.vol_weight = lr, weight_decay, vol_weight
         self.columns = dict(columns) if columns else None
+        self.read_signals = reading
+        self._facts: tuple[Any, Any] | None = None  # (ref key, (signals, forecast)) of the last window read
         # summary: z-quantiles [H*Q], log vol ratio, log return scale, signals
         self.summary_dim = horizon * self.cfg.n_quantiles + 2 + N_SIGNALS
         self.summary_rows = math.ceil(self.summary_dim / d_model)
@@ -196,6 +199,48 @@ class StockModality(Modality):
         series = load_source(src, self.columns)
         key, df = resolve_series(series, r["ticker"], r["end"], source=str(src))
         return window_at(df, r["end"], self.cfg.context + 1, source=f"{src}[{key}]")
+
+    def reading(self, ref: Any, root: str | None = None) -> str | None:
+        """The window's signals, chart patterns and the forecaster's call in words (text.reading,
+        outlook.reading), placed after the learned positions when ``reading=True``: what the rules and the
+        forecaster compute exactly, the LLM copies."""
+        if not self.read_signals:
+            return None
+        from modality.stock.data import outlook
+        from modality.stock.data.text import reading
+
+        sig, fc = self._window_facts(ref, root)
+        return reading(sig, self.cfg.context)[:-1] + "; " + outlook.reading(fc)
+
+    def answer_fields(self, ref: Any, root: str | None = None) -> dict[str, str]:
+        """The forecaster's call in words for the forecast questions' answer templates (outlook.answers)."""
+        from modality.stock.data import outlook
+
+        return outlook.answers(self._window_facts(ref, root)[1])
+
+    def _window_facts(self, ref: Any, root: str | None) -> tuple[Any, Any]:
+        """(signals, forecast) of one window; the last one is kept (reading and answers ask back to back)."""
+        from modality.stock.data.outlook import forecast_from_output
+
+        key = (repr(parse_ref(ref)), root)
+        if self._facts is not None and self._facts[0] == key:
+            return self._facts[1]
+        raw = self.load(ref, root)
+        feats = self.featurize(raw)
+        p = next(self.encoder.parameters())
+        if p.device.type != "cpu" and torch.utils.data.get_worker_info() is not None:
+            raise RuntimeError(f"stock ref {ref}: the forecaster is on {p.device}; set data.num_workers=0 to read windows")
+        was = self.encoder.training
+        self.encoder.eval()
+        with torch.no_grad():
+            x, valid, _ = self.right_align(feats[None].to(p.device), torch.ones(1, feats.shape[0], dtype=torch.bool, device=p.device))
+            out = self.encoder(x.to(p.dtype), None if bool(valid.all()) else valid)
+        self.encoder.train(was)
+        fc = forecast_from_output(out.quantiles[0].float().cpu().numpy(), self.cfg.quantiles, float(out.vol[0]),
+                                  raw["Close"].to_numpy(), self.cfg.horizon)
+        facts = (compute_signals(raw), fc)
+        self._facts = (key, facts)
+        return facts
 
     def featurize(self, raw: pd.DataFrame) -> Tensor:
         """OHLCV window (>= 2 rows; the last ``context + 1`` are used) -> [T, 4 + N_SIGNALS] float32."""

@@ -17,7 +17,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
 import tasks.runner as runner
-from modality.stock.data.text import QUESTION_TYPES
+from modality.stock.data.outlook import FORECAST_TYPES
+from modality.stock.data.text import ALL_TYPES, QUESTION_TYPES
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,15 +159,17 @@ def test_instruct_scores_each_question_type_next_to_text_baselines(runs):
     out, _, _ = runs
     m = json.loads((out / "instruct" / "metrics.json").read_text())
     for prefix in ("", "text_zero_shot/", "text_lora/", "majority/"):
-        for t in QUESTION_TYPES:
+        for t in ALL_TYPES:
             assert 0.0 <= m[f"{prefix}accuracy/{t}"] <= 1.0, (prefix, t)
+    assert all(0.0 <= m[f"forecaster/accuracy/{t}"] <= 1.0 for t in FORECAST_TYPES)  # the forecaster's own call
     assert m["eval_samples"] == m["text_zero_shot/eval_samples"] == m["text_lora/eval_samples"] == 16
     assert m["text_lora/steps"] == m["steps"] == 3
     for name in ("predictions.jsonl", "predictions_text_zero_shot.jsonl", "predictions_text_lora.jsonl"):
         rows = [json.loads(x) for x in (out / "instruct" / name).read_text().splitlines()]
-        assert len(rows) == 16 and {r["type"] for r in rows} == set(QUESTION_TYPES), name
+        assert len(rows) == 16 and {r["type"] for r in rows} == set(ALL_TYPES), name
     text = [json.loads(x) for x in (out / "instruct" / "text_baseline" / "eval.jsonl").read_text().splitlines()]
-    assert "<stock>" not in text[0]["conversations"][0]["value"] and "RSI(14)" in text[0]["conversations"][0]["value"]
+    prompt = text[0]["conversations"][0]["value"]  # the issue's text baseline: the window's closes, no signals
+    assert "<stock>" not in prompt and "Daily closes of the last 20" in prompt and "RSI(14)" not in prompt
 
 
 def test_evaluate_on_any_csv(runs, tmp_path):
@@ -177,9 +180,44 @@ def test_evaluate_on_any_csv(runs, tmp_path):
     load_packaged()["MSFT_2000"].iloc[-150:].reset_index().to_csv(csv, index=False)
     m = runner.run(cfg_for(SMALL + ["stage=evaluate", f"init_from={out}/instruct", f"data.csv={csv}",
                                     "data.csv_windows=2", f"paths.output_dir={tmp_path}/eval"]))
-    assert m["eval_samples"] == 2 * len(QUESTION_TYPES) and m["init_from"][0].endswith("instruct/checkpoints/last.ckpt")
+    # the first window has 20 rows after it: the forecast questions are asked of it too, scored on those rows
+    assert m["eval_samples"] == 2 * len(QUESTION_TYPES) + len(FORECAST_TYPES)
+    assert m["init_from"][0].endswith("instruct/checkpoints/last.ckpt")
     assert all(f"accuracy/{t}" in m and f"text_zero_shot/accuracy/{t}" in m for t in QUESTION_TYPES)
     rows = [json.loads(x) for x in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     recs = [json.loads(x) for x in (tmp_path / "eval" / "csv_eval_records.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [r["id"] for r in recs] and all(r["stock"][0]["csv"] == str(csv) for r in recs)
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["accuracy"] == m["accuracy"]
+
+
+def test_packed_model_moves_and_loads_every_trained_weight_for_evaluate_and_instruct(runs, tmp_path):
+    """tasks.pack: the chain's weights (forecaster, adaptor, LoRA) in one fp16 folder that works from anywhere."""
+    import shutil
+
+    from tasks.checkpoint import read_chain, read_checkpoint
+    from tasks.pack import merged_state, pack
+
+    out, _, _ = runs
+    folder = pack(out / "instruct", tmp_path / "a" / "stock-tiny", evals={"held-out": out / "instruct"}, max_mb=None)
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(folder), moved)
+    packed = read_checkpoint(moved.resolve())
+    expected = merged_state(read_chain(out / "instruct"))
+    assert packed["state_dict"].keys() == expected.keys()
+    assert all(torch.equal(packed["state_dict"][k], v.float()) for k, v in expected.items())
+    names = list(expected)
+    for part in ("modalities.stock.encoder.", "modalities.stock.adaptor.", "lora_"):
+        assert any(part in k for k in names), part
+    assert packed["mmlm"]["stages"] == ["forecast", "align", "instruct"] and packed["mmlm"]["parent"] is None
+    assert "accuracy" in (moved / "README.md").read_text()
+    records = out / "data" / "stock" / "v3_c64_h20" / "stock_qa_test.jsonl"
+    m = runner.run(cfg_for(SMALL + ["stage=evaluate", f"init_from={moved}", f"data.eval_manifest={records}",
+                                    "data.max_eval_samples=4", f"paths.output_dir={tmp_path}/eval"]))
+    assert m["eval_samples"] == 4 and m["init_from"] == [str(moved.resolve())]
+    more = runner.run(cfg_for(SMALL + LLM_STAGES + [f"paths.data_dir={out}/data", "stage=instruct", "trainer.max_steps=1",
+                                                    f"init_from={moved}", "eval.before=false", "data.max_eval_samples=2",
+                                                    "data.text_baseline=null", f"paths.output_dir={tmp_path}/more"]))
+    assert more["steps"] == 1
+    with pytest.raises(ValueError, match="not a readable packed model"):
+        (moved / "model.safetensors").write_bytes(b"garbage")
+        read_checkpoint(moved.resolve())

@@ -23,16 +23,19 @@ import pandas as pd
 from data.datamodule import ConversationDataModule
 from modality.stock.data.prices import check_length, load_source
 from modality.stock.data.signals import compute_signals
+from modality.stock.data.outlook import FORECAST_TYPES
 from modality.stock.data.text import PLACEHOLDER, QUESTION_TYPES, window_record, write_records
 
 
 def csv_records(source: str | Path, context: int, n_windows: int = 8, columns: Mapping[str, str] | None = None,
-                types: tuple[str, ...] = QUESTION_TYPES) -> list[dict]:
+                types: tuple[str, ...] = QUESTION_TYPES, horizon: int | None = None) -> list[dict]:
     """Scoring records for ``n_windows`` evenly spaced windows of every series in ``source``.
 
     Each window gets one record per question type, in type order, so any prefix of
-    ``k * len(types)`` records is balanced. Series shorter than one window are skipped with
-    a warning; if none is long enough the error names the file and the row count.
+    ``k * len(types)`` records is balanced. With ``horizon``, the forecast questions are asked
+    too of the windows that have ``horizon`` rows after them (scored against those rows).
+    Series shorter than one window are skipped with a warning; if none is long enough the error
+    names the file and the row count.
     """
     if n_windows < 1:
         raise ValueError(f"{source}: csv_windows must be >= 1, got {n_windows}")
@@ -48,7 +51,9 @@ def csv_records(source: str | Path, context: int, n_windows: int = 8, columns: M
             continue
         anchors = np.unique(np.linspace(context, len(df) - 1, n_windows).round().astype(int))
         for a in anchors:
-            records += [window_record("qa", f"stock-csv-{t}", df, key, int(a), context, csv, qa_type=t) for t in types]
+            asked = types + (FORECAST_TYPES if horizon and a + horizon < len(df) else ())
+            records += [window_record("qa", f"stock-csv-{t}", df, key, int(a), context, csv, qa_type=t, horizon=horizon)
+                        for t in asked]
     if not records:
         raise ValueError(short[0] if short else f"{source}: no series")
     if short:
@@ -122,10 +127,10 @@ class StockConversationDataModule(ConversationDataModule):
     """
 
     def __init__(self, *args: Any, csv: str | None = None, csv_records: str | None = None, csv_windows: int = 8,
-                 context: int = 256, columns: Mapping[str, str] | None = None,
+                 context: int = 256, horizon: int | None = None, columns: Mapping[str, str] | None = None,
                  text_baseline: Mapping[str, Any] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.csv, self.csv_out, self.csv_windows, self.context = csv, csv_records, csv_windows, context
+        self.csv, self.csv_out, self.csv_windows, self.context, self.horizon = csv, csv_records, csv_windows, context, horizon
         self.columns = {str(k): str(v) for k, v in columns.items()} if columns else None
         self.text_baseline = dict(text_baseline) if text_baseline else None
 
@@ -133,7 +138,8 @@ class StockConversationDataModule(ConversationDataModule):
         if self.csv is not None:
             if not self.csv_out:
                 raise ValueError(f"data.csv={self.csv} needs data.csv_records=<where to write its records>")
-            write_records(csv_records(self.csv, self.context, self.csv_windows, self.columns), self.csv_out)
+            write_records(csv_records(self.csv, self.context, self.csv_windows, self.columns, horizon=self.horizon),
+                          self.csv_out)
             self.files["eval"] = [str(self.csv_out)]
             self._records.pop("eval", None)
         super().prepare_data()

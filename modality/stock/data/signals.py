@@ -14,6 +14,8 @@ import math
 import numpy as np
 import pandas as pd
 
+from modality.stock.data.patterns import detect_patterns
+
 TRADING_DAYS = 252
 
 
@@ -177,6 +179,7 @@ class Signals:
     support_dist_pct: float
     resistance_dist_pct: float
     volume_trend: float
+    patterns: tuple[str, ...] = ()  # chart patterns completed in the last 60 days (modality.stock.data.patterns), oldest first
 
     def vector(self) -> np.ndarray:
         """Fixed-order float32 features, each roughly in [-3, 3] (names: :data:`SIGNAL_NAMES`)."""
@@ -243,4 +246,6 @@ def compute_signals(df: pd.DataFrame) -> Signals:
         support_dist_pct=sup_d,
         resistance_dist_pct=res_d,
         volume_trend=volume_trend(df["Volume"].to_numpy()),
+        patterns=tuple(p.name for p in detect_patterns(df["Open"].to_numpy(dtype=np.float64), df["High"].to_numpy(dtype=np.float64),
+                                                       df["Low"].to_numpy(dtype=np.float64), close)),
     )

@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from modality.stock.data.prices import load_source, make_windows
+from modality.stock.data import outlook
+from modality.stock.data.outlook import FORECAST_TYPES
+from modality.stock.data.patterns import Pattern, pattern_words
 from modality.stock.data.signals import Signals, compute_signals
 
 PLACEHOLDER = "<stock>"
@@ -85,7 +88,8 @@ class QA:
     key: str
 
 
-QUESTION_TYPES = ("trend", "volatility", "rsi", "macd", "ma_cross", "drawdown", "support_resistance", "momentum")
+QUESTION_TYPES = ("trend", "volatility", "rsi", "macd", "ma_cross", "drawdown", "support_resistance", "momentum",
+                  "pattern")
 
 
 def _int_part(x: float) -> str:
@@ -93,34 +97,59 @@ def _int_part(x: float) -> str:
     return f"{abs(x):.1f}".split(".")[0]
 
 
+def pattern_key(sig: Signals) -> str:
+    """The chart patterns of the window in words ('none' when there are none)."""
+    return pattern_words([Pattern(name, i, i) for i, name in enumerate(sig.patterns)])
+
+
 def question_specs(sig: Signals, days: int) -> list[QA]:
-    """One :class:`QA` per signal family (:data:`QUESTION_TYPES`), all answered from ``sig``."""
+    """One :class:`QA` per signal family (:data:`QUESTION_TYPES`), all answered from ``sig``.
+
+    Answers are one short sentence around the checkable key (no unscored decimals: a short run
+    learns the key, not the R^2), the same facts :func:`reading` writes after the embeddings.
+    """
     tw, side = trend_words(sig), ("above" if sig.macd_hist > 0 else "below")
     ma_key = "too short" if sig.ma_state == 0 else f"50-day average is {'above' if sig.ma_state > 0 else 'below'} the 200-day"
     up = "up" if sig.momentum_20_pct >= 0 else "down"
+    pw = pattern_key(sig)
     specs = [
-        QA("trend", "What is the overall trend?",
-           f"Trend: {tw}, {sig.change_pct:+.1f}% over {days} trading days (trend R^2 {sig.trend_r2:.2f}).", f"trend: {tw}"),
+        QA("trend", "What is the overall trend?", f"Trend: {tw}, {sig.change_pct:+.1f}% over {days} trading days.",
+           f"trend: {tw}"),
         QA("volatility", "How volatile is it right now?",
-           f"20-day volatility is {sig.vol_20_ann * 100:.0f}% annualised, {sig.vol_regime} for this stock "
-           f"(percentile {sig.vol_percentile:.0f} of its recent history).", f"{sig.vol_regime} for this stock"),
+           f"{sig.vol_20_ann * 100:.0f}% annualised, {sig.vol_regime} for this stock.", f"{sig.vol_regime} for this stock"),
         QA("rsi", "Is it overbought or oversold?", f"RSI(14) is {sig.rsi_14:.0f}, which is {rsi_words(sig)}.",
            f"which is {rsi_words(sig)}"),
-        QA("macd", "What does MACD say?", f"{_cap(macd_words(sig))} (histogram {sig.macd_hist:+.2f}).",
-           f"MACD is {side} its signal line"),
+        QA("macd", "What does MACD say?", f"{_cap(macd_words(sig))}.", f"MACD is {side} its signal line"),
         QA("ma_cross", "Any moving-average crossover?", _cap(ma_words(sig)) + ".", ma_key),
         QA("drawdown", "What was the worst drawdown?",
-           f"The largest peak-to-trough fall in the window was {sig.max_drawdown_pct:.1f}%.",
+           f"The largest fall in the window was {sig.max_drawdown_pct:.1f}%.",
            f"fall in the window was {_int_part(sig.max_drawdown_pct)}"),
         QA("support_resistance", "Where are support and resistance?",
-           f"Support is {sig.support_dist_pct:.1f}% below the last close (near {sig.support:.2f}), "
-           f"resistance {sig.resistance_dist_pct:.1f}% above (near {sig.resistance:.2f}).",
+           f"Support is {sig.support_dist_pct:.1f}% below the last close, resistance {sig.resistance_dist_pct:.1f}% above.",
            f"support is {_int_part(sig.support_dist_pct)}"),
         QA("momentum", "How has the price moved in the last month?",
            f"{_cap(up)} {abs(sig.momentum_20_pct):.1f}% over the last 20 trading days.", f"{up} {_int_part(sig.momentum_20_pct)}"),
+        QA("pattern", "Any chart patterns?", f"Patterns: {pw}.", f"patterns: {pw}"),
     ]
     assert tuple(q.type for q in specs) == QUESTION_TYPES
     return specs
+
+
+def reading(sig: Signals, days: int) -> str:
+    """The window's signals in words, as the stock plugin places them after its embeddings.
+
+    Every fact a descriptive question asks is here, in the words its answer uses, so the LLM
+    answers by finding and restating it; the learned positions before it carry the chart.
+    """
+    up = "up" if sig.momentum_20_pct >= 0 else "down"
+    return (
+        f"Signals: trend: {trend_words(sig)}, {sig.change_pct:+.1f}% over {days} trading days; "
+        f"volatility {sig.vol_20_ann * 100:.0f}% annualised, {sig.vol_regime} for this stock; "
+        f"RSI(14) {sig.rsi_14:.0f}, which is {rsi_words(sig)}; {macd_words(sig)}; {ma_words(sig)}; "
+        f"largest fall in the window was {sig.max_drawdown_pct:.1f}%; support is {sig.support_dist_pct:.1f}% below, "
+        f"resistance {sig.resistance_dist_pct:.1f}% above; 20 days: {up} {abs(sig.momentum_20_pct):.1f}%; "
+        f"patterns: {pattern_key(sig)}."
+    )
 
 
 def question_answers(sig: Signals, days: int) -> list[tuple[str, str]]:
@@ -129,14 +158,19 @@ def question_answers(sig: Signals, days: int) -> list[tuple[str, str]]:
 
 
 KINDS = ("align", "instruct", "qa")
+ALL_TYPES = QUESTION_TYPES + FORECAST_TYPES
 
 
 def window_record(kind: str, rid: str, df, key: str, anchor: int, context: int, csv: str,
-                  rng: np.random.Generator | None = None, n_turns: int = 3, qa_type: str | None = None) -> dict:
+                  rng: np.random.Generator | None = None, n_turns: int = 3, qa_type: str | None = None,
+                  horizon: int | None = None) -> dict:
     """One record about the window of ``context + 1`` rows of ``df`` ending at row ``anchor``.
 
     align: one caption; instruct: ``n_turns`` Q&A turns (questions drawn with ``rng``); qa: one
     question of ``qa_type`` with ``type`` and ``reference`` (its checkable key) for scoring.
+    With ``horizon``, forecast questions (modality.stock.data.outlook) join: their answers are
+    templates (``{forecast_band}``) the plugin fills from its forecaster when the record loads
+    (``"fill": "stock"``); a qa record's reference comes from the ``horizon`` rows after the window.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -151,12 +185,22 @@ def window_record(kind: str, rid: str, df, key: str, anchor: int, context: int, 
         ]
     elif kind == "instruct":
         qa = question_answers(sig, context)
+        if horizon:
+            qa += [(outlook.QUESTIONS[t], "{" + t + "}") for t in FORECAST_TYPES]
+            rec["fill"] = "stock"
         rng = rng if rng is not None else np.random.default_rng(0)
         chosen = rng.choice(len(qa), size=min(n_turns, len(qa)), replace=False)
         conv = []
         for t, i in enumerate(chosen):
             q = f"{PLACEHOLDER}\n{qa[i][0]}" if t == 0 else qa[i][0]
             conv += [{"from": "human", "value": q}, {"from": "gpt", "value": qa[i][1]}]
+    elif qa_type in FORECAST_TYPES:
+        if not horizon:
+            raise ValueError(f"{rec['id']}: a {qa_type} question needs the horizon")
+        ref = outlook.realized(df["Close"].to_numpy(), anchor, horizon)[qa_type]
+        rec.update(type=qa_type, reference=ref, fill="stock")
+        conv = [{"from": "human", "value": f"{PLACEHOLDER}\n{outlook.QUESTIONS[qa_type]}"},
+                {"from": "gpt", "value": "{" + qa_type + "}"}]
     else:
         spec = {q.type: q for q in question_specs(sig, context)}[qa_type or QUESTION_TYPES[0]]
         rec.update(type=spec.type, reference=spec.key)
@@ -178,19 +222,28 @@ def build_records(
     test_frac: float = 0.15,
     columns: Mapping[str, str] | None = None,
     tickers: list[str] | None = None,
+    exclude: list[str] | None = None,
+    forecast: bool = True,
 ) -> list[dict]:
     """``n`` records over windows of ``split`` (series too short for the splits are skipped).
 
     Refs are ``{"csv": source, "ticker": key, "end": "YYYY-MM-DD"}`` with ``csv`` made absolute
     for file sources; the window ends at the anchor row of a split window, so its horizon lies
     inside the same split too. kind="qa" cycles through :data:`QUESTION_TYPES` (record ``j``
-    asks type ``j % 8``), so any prefix of the file is balanced across types.
+    asks type ``j % 12``, or ``j % 9`` without ``forecast`` questions), so any prefix of the file is balanced across types. ``tickers`` keeps only
+    those series, ``exclude`` drops those (held-out instruments). Windows are drawn without
+    replacement while the pool lasts (qa records on distinct windows where possible).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    types = ALL_TYPES if forecast else QUESTION_TYPES
     series = load_source(source, columns)
     if tickers:
+        missing = sorted(set(tickers) - set(series))
+        if missing:
+            raise ValueError(f"{source}: no series {missing}; have {sorted(series)}")
         series = {k: series[k] for k in tickers}
+    series = {k: v for k, v in series.items() if k not in set(exclude or ())}
     csv = "packaged" if source == "packaged" else str(Path(source).resolve())
     pool = []
     for key, df in series.items():
@@ -202,13 +255,16 @@ def build_records(
     if not pool:
         raise ValueError(f"{source}: no {split} windows for context={context} horizon={horizon}")
     rng = np.random.default_rng(seed)
-    picks = rng.choice(len(pool), size=n, replace=n > len(pool))
+    if kind == "qa" and n > len(pool):  # every window once per type cycle, then repeats
+        picks = np.concatenate([rng.permutation(len(pool)) for _ in range(-(-n // len(pool)))])[:n]
+    else:
+        picks = rng.choice(len(pool), size=n, replace=n > len(pool))
     records = []
     for j, p in enumerate(picks):
         key, anchor = pool[p]
-        qa_type = QUESTION_TYPES[j % len(QUESTION_TYPES)]
+        qa_type = types[j % len(types)]
         records.append(window_record(kind, f"stock-{kind}-{split}-{j:06d}", series[key], key, anchor, context, csv,
-                                     rng, n_turns, qa_type))
+                                     rng, n_turns, qa_type, horizon if forecast else None))
     return records
 
 
@@ -238,21 +294,30 @@ def prepare_records(
     eval_frac: float = 0.1,
     seed: int = 0,
     n_qa: int = 160,
+    n_turns: int = 12,
+    holdout: list[str] | None = None,
 ) -> list[Path]:
     """Write :data:`RECORD_FILES` into ``out``: align/instruct records for each split, and
     ``n_qa`` single-question scoring records (balanced over :data:`QUESTION_TYPES`) for val/test.
 
     val/test get ``eval_frac`` as many records as train; every file draws from its own split.
+    Instruct records ask ``n_turns`` questions about one window (a window's encoding is paid once
+    for several answers). ``holdout`` tickers are left out of every file but
+    ``stock_qa_heldout.jsonl`` (their test period): instruments the model never saw.
     """
     paths = []
+    holdout = [str(t) for t in holdout or ()]
     for kind, n in (("align", n_align), ("instruct", n_instruct)):
         for split in ("train", "val", "test"):
             count = n if split == "train" else max(1, int(n * eval_frac))
-            recs = build_records(source, context, horizon, split, kind, count, seed=seed)
+            recs = build_records(source, context, horizon, split, kind, count, n_turns=n_turns, seed=seed, exclude=holdout)
             paths.append(write_records(recs, Path(out) / f"stock_{kind}_{split}.jsonl"))
     for split in ("val", "test"):
-        recs = build_records(source, context, horizon, split, "qa", n_qa, seed=seed)
+        recs = build_records(source, context, horizon, split, "qa", n_qa, seed=seed, exclude=holdout)
         paths.append(write_records(recs, Path(out) / f"stock_qa_{split}.jsonl"))
+    if holdout:
+        recs = build_records(source, context, horizon, "test", "qa", n_qa, seed=seed, tickers=holdout)
+        paths.append(write_records(recs, Path(out) / "stock_qa_heldout.jsonl"))
     return paths
 
 
@@ -269,8 +334,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-instruct", type=int, default=1000)
     ap.add_argument("--n-qa", type=int, default=160)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-turns", type=int, default=12)
+    ap.add_argument("--holdout", nargs="*", default=None, help="tickers left out of training (their own qa file)")
     a = ap.parse_args(argv)
-    for p in prepare_records(a.out, a.source, a.context, a.horizon, a.n_align, a.n_instruct, seed=a.seed, n_qa=a.n_qa):
+    for p in prepare_records(a.out, a.source, a.context, a.horizon, a.n_align, a.n_instruct, seed=a.seed, n_qa=a.n_qa,
+                             n_turns=a.n_turns, holdout=a.holdout):
         print(p)
 
 

@@ -89,3 +89,31 @@ def test_system_prompt_replaces_template_default_but_not_a_records_own(setup):
     assert short[1]["messages"] == plain[1]["messages"]  # a record's own system turn wins
     text = lm.tokenizer.decode(ConversationCollator(lm.tokenizer, {"toy": toy}, pids)([short[0]])["input_ids"][0])
     assert "You hear audio." in text and text.index("You hear audio.") < text.index("hi")
+
+
+def test_expand_placeholders_puts_each_reading_after_its_own_input_unlabelled():
+    ids, labels = expand_placeholders([1, 9, 2, 9], [-100, -100, 5, -100], {9: [2, 1]}, "s", {9: [[70, 71], [80]]})
+    assert ids == [1, 9, 9, 70, 71, 2, 9, 80]
+    assert labels == [-100, -100, -100, -100, -100, 5, -100, -100]
+
+
+def test_a_plugins_reading_follows_its_positions_as_text(setup):
+    lm, toy, pids = setup
+
+    class Reading(type(toy)):
+        def reading(self, ref, root=None):
+            return f"length {ref}"
+
+    reader = Reading.__new__(Reading)
+    reader.__dict__ = toy.__dict__  # the same toy plugin, plus a reading
+    ds = ConversationDataset([rec(0, ["5"], "<toy> how long?", "five")], {"toy": reader})
+    sample = ds[0]
+    assert sample["readings"] == {"toy": ["length 5"]}
+    batch = ConversationCollator(lm.tokenizer, {"toy": reader}, pids)([sample])
+    ids = batch["input_ids"][0].tolist()
+    last = max(i for i, t in enumerate(ids) if t == pids["toy"])
+    text_after = lm.tokenizer.decode(ids[last + 1:])
+    assert text_after.startswith(" length 5")
+    assert (batch["labels"][0, last + 1:last + 4] == IGNORE).all()
+    plain = ConversationCollator(lm.tokenizer, {"toy": toy}, pids)([ConversationDataset(ds.records, {"toy": toy})[0]])
+    assert batch["input_ids"].shape[1] > plain["input_ids"].shape[1]  # the base plugin reads nothing

@@ -138,3 +138,28 @@ def test_forecast_stage_hooks_train(tmp_path, one_thread):
     assert "val/rel_mae" in trainer.callback_metrics
     changed = [k for k, v in m.encoder.state_dict().items() if not torch.equal(v, before[k])]
     assert "patch_embed.weight" in changed
+
+
+def test_reading_states_signals_and_the_forecasters_call_and_fills_its_answers(stock):
+    from data.dataset import ConversationDataset
+    from modality.stock.data.text import question_specs
+    from tasks.evaluate import answer_correct
+
+    ref = {"csv": "packaged", "ticker": "IBM_2000", "end": "2008-10-31"}
+    text, fields = stock.reading(ref), stock.answer_fields(ref)
+    with torch.no_grad():  # the forecaster's own call on this window, computed here independently
+        x, valid, _ = stock.right_align(stock.featurize(stock.load(ref))[None], torch.ones(1, SMALL["context"], dtype=torch.bool))
+        median = float(stock.encoder(x).quantiles[0, -1, 1])
+    direction = "up" if median >= 0 else "down"
+    assert fields["forecast_direction"].startswith(f"Likely {direction} ")
+    assert f"forecast: likely {direction}," in text
+    for q in question_specs(compute_signals(stock.load(ref)), SMALL["context"]):
+        assert answer_correct(q.key, text), q.key
+    rec = {"id": "r", "where": "f.jsonl:1", "stock": [ref], "fill": "stock", "conversations": [
+        {"from": "human", "value": "<stock>\nWhich way?"}, {"from": "gpt", "value": "{forecast_direction}"}]}
+    sample = ConversationDataset([rec], {"stock": stock})[0]
+    assert sample["messages"][-1]["content"] == fields["forecast_direction"] and sample["readings"]["stock"] == [text]
+    bad = dict(rec, conversations=[rec["conversations"][0], {"from": "gpt", "value": "{tomorrow}"}])
+    with pytest.raises(ValueError, match=r"f.jsonl:1: stock cannot fill \{tomorrow\}"):
+        ConversationDataset([bad], {"stock": stock})[0]
+    assert StockModality(d_llm=48, reading=False, **SMALL).reading(ref) is None

@@ -49,7 +49,8 @@ def test_keys_of_other_categories_never_match(windows):
 
 
 def test_qa_records_cycle_types_with_their_keys():
-    recs = build_records(context=CONTEXT, horizon=5, split="test", kind="qa", n=16, seed=3)
+    recs = build_records(context=CONTEXT, horizon=5, split="test", kind="qa", n=2 * len(QUESTION_TYPES), seed=3,
+                         forecast=False)
     assert [r["type"] for r in recs] == list(QUESTION_TYPES) * 2
     m = StockModality(d_llm=None, context=CONTEXT, horizon=5, patch_len=8, stride=4, d_model=16, n_heads=2, n_layers=1, d_ff=16)
     for r in recs[:8]:
@@ -93,7 +94,7 @@ def _write_csv(path, n):
 def test_csv_records_cover_the_file_and_load(tmp_path):
     df = _write_csv(tmp_path / "my.csv", 150)
     recs = csv_records(tmp_path / "my.csv", CONTEXT, n_windows=3)
-    assert len(recs) == 3 * len(QUESTION_TYPES) and [r["type"] for r in recs[:8]] == list(QUESTION_TYPES)
+    assert len(recs) == 3 * len(QUESTION_TYPES) and [r["type"] for r in recs[:len(QUESTION_TYPES)]] == list(QUESTION_TYPES)
     ends = sorted({r["stock"][0]["end"] for r in recs})
     assert ends[0] == str(df["Date"].iloc[CONTEXT].date()) and ends[-1] == str(df["Date"].iloc[-1].date())
     m = StockModality(d_llm=None, context=CONTEXT, patch_len=8, stride=4, d_model=16, n_heads=2, n_layers=1, d_ff=16)
@@ -111,7 +112,7 @@ def test_datamodule_csv_replaces_eval_records(tmp_path):
                                      csv_records=str(out), csv_windows=2, context=CONTEXT,
                                      text_baseline={"zero_shot": True})
     dm.prepare_data()
-    assert dm.files["eval"] == [str(out)] and len(dm.records("eval")) == 16
+    assert dm.files["eval"] == [str(out)] and len(dm.records("eval")) == 2 * len(QUESTION_TYPES)
     assert json.loads(out.read_text().splitlines()[0])["type"] == "trend"
     assert dm.text_baseline == {"zero_shot": True}
     with pytest.raises(ValueError, match="absent.jsonl: data file not found"):

@@ -61,7 +61,43 @@ def test_records_refs_load_and_stay_in_split(tmp_path):
 
 def test_prepare_records_writes_every_split(tmp_path):
     paths = prepare_records(tmp_path, context=64, horizon=5, n_align=3, n_instruct=2, eval_frac=0.5)
-    assert sorted(p.name for p in paths) == sorted(RECORD_FILES)
+    assert sorted(p.name for p in paths) == sorted(RECORD_FILES)  # no holdout: no heldout file
     counts = {p.name: len(p.read_text().splitlines()) for p in paths}
     assert counts["stock_align_train.jsonl"] == 3 and counts["stock_align_test.jsonl"] == 1
     assert all("-test-" in json.loads(line)["id"] for line in (tmp_path / "stock_instruct_test.jsonl").read_text().splitlines())
+
+
+def test_every_answer_and_the_plugins_reading_state_the_scored_key():
+    """The reading after the embeddings carries each question's key in the answer's words, so the LLM can
+    copy it; a reading or an answer that drifts from the key fails here."""
+    from modality.stock.data.text import QUESTION_TYPES, question_specs, reading
+    from tasks.evaluate import answer_correct
+
+    series = load_packaged()
+    seen: dict[str, set[str]] = {t: set() for t in QUESTION_TYPES}
+    for key in ("AAPL_2000", "IBM_2000", "NVDA_2013"):
+        df = series[key]
+        for end in range(300, len(df), 97):
+            sig = compute_signals(df.iloc[end - 256 : end + 1])
+            text = reading(sig, 256)
+            for q in question_specs(sig, 256):
+                assert answer_correct(q.key, q.answer), (q.key, q.answer)
+                assert answer_correct(q.key, text), (q.key, text)
+                seen[q.type].add(q.key)
+    # keys of one type differ across windows (a constant key would make the check vacuous)
+    assert all(len(v) >= 2 for v in seen.values()), seen
+    # ... and a wrong key is not found in the reading
+    sig = compute_signals(series["AAPL_2000"].iloc[:257])
+    wrong = {"which is overbought", "which is oversold", "which is neutral"} - {question_specs(sig, 256)[2].key}
+    assert not any(answer_correct(k, reading(sig, 256)) for k in wrong)
+
+
+def test_heldout_tickers_stay_out_of_training_and_get_their_own_file(tmp_path):
+    paths = prepare_records(tmp_path, context=64, horizon=5, n_align=20, n_instruct=20, eval_frac=0.5, n_qa=18,
+                            holdout=["NVDA_2013"])
+    assert "stock_qa_heldout.jsonl" in {p.name for p in paths}
+    for p in paths:
+        tickers = {json.loads(line)["stock"][0]["ticker"] for line in p.read_text().splitlines()}
+        assert tickers == {"NVDA_2013"} if p.name == "stock_qa_heldout.jsonl" else "NVDA_2013" not in tickers, p.name
+    with pytest.raises(ValueError, match="no series"):
+        build_records(tickers=["NOPE_1999"], n=1)
