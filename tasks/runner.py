@@ -133,21 +133,27 @@ def _check_scale(cfg: Config) -> int:
     return scale.per_device_batch
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Run one stage as configured; returns (and writes to <output_dir>/metrics.json) its metrics."""
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True)
-    torch.set_float32_matmul_precision("high")
-    policy = stage_policy(cfg)
-    if cfg.get("data") is None:
-        name = HydraConfig.get().runtime.choices.get("modality") if HydraConfig.initialized() else None
-        raise UsageError(f"stage={policy.name} modality={name or '?'}: no data config (add conf/data/<modality>_"
-                         f"<stage>.yaml, or a data: node in the modality's own config file)")
-    batch_size = _check_scale(cfg)
-    if policy.standalone:
-        return _run_standalone(cfg, out, policy, batch_size)
+@dataclass
+class Built:
+    """A stage's model and data as ``init_from`` and the config make them (what run() and chat.py share)."""
 
+    policy: StagePolicy
+    lm: Any
+    modality: Any
+    modalities: dict[str, Any]
+    metas: list[dict]
+    chain: list[Path]
+    dm: Any
+    model: MultimodalLM
+    objectives: dict[str, Any]
+    system_prompt: str | None
+    modality_cfg: Config
+    optim: OptimSpec
+
+
+def build(cfg: Config, policy: StagePolicy, batch_size: int) -> Built:
+    """The LLM, the modality (settings inherited from the checkpoint chain), the data module, the auxiliary
+    objectives and the MultimodalLM with the chain's weights loaded; checks the stage may start."""
     chain_ckpts = read_chain(cfg.init_from) if cfg.get("init_from") else []  # read once: the one chain record
     chain_metas = [ckpt[META_KEY] for _, ckpt in chain_ckpts]
     taken = _inherit_modality(cfg, chain_metas, ARCH_MODALITY_KEYS if policy.name == "align" else None)
@@ -183,6 +189,29 @@ def run(cfg: Config) -> dict[str, Any]:
     if cfg.get("init_from"):
         standalone = {m["stage"]: f"modalities.{modality.name}." for m in metas if not m.get("llm")}
         chain = load_chain(model, chain_ckpts, lm.name, list(modalities), prefix_for_stage=standalone)
+    return Built(policy, lm, modality, modalities, metas, chain, dm, model, objectives, system_prompt, modality_cfg,
+                 optim)
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Run one stage as configured; returns (and writes to <output_dir>/metrics.json) its metrics."""
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+    policy = stage_policy(cfg)
+    if cfg.get("data") is None:
+        name = HydraConfig.get().runtime.choices.get("modality") if HydraConfig.initialized() else None
+        raise UsageError(f"stage={policy.name} modality={name or '?'}: no data config (add conf/data/<modality>_"
+                         f"<stage>.yaml, or a data: node in the modality's own config file)")
+    batch_size = _check_scale(cfg)
+    if policy.standalone:
+        return _run_standalone(cfg, out, policy, batch_size)
+
+    b = build(cfg, policy, batch_size)
+    policy, lm, modality, modalities, metas, chain = b.policy, b.lm, b.modality, b.modalities, b.metas, b.chain
+    dm, model, objectives, system_prompt, modality_cfg, optim = (b.dm, b.model, b.objectives, b.system_prompt,
+                                                                 b.modality_cfg, b.optim)
     dm.prepare_data()
     _precompute_caches(dm, modalities)
     metrics: dict[str, Any] = {"stage": policy.name, "modality": modality.name, "llm": lm.name,

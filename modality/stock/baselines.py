@@ -7,7 +7,8 @@ tasks.evaluate.score, per question type, on the same eval records as the model:
 
 - ``text_zero_shot/*``: the frozen base LLM (the run's LoRA disabled). One generation pass;
   a floor, since it never saw the answer format the keys are written in.
-- ``text_lora/*`` (``data.text_baseline.train_lora=true``, stage=instruct only): a fresh LoRA
+- ``text_lora/*`` (``data.text_baseline.train_lora=true``; stage=instruct, or stage=evaluate given
+  ``data.train_files``, ``trainer.max_steps`` and ``+stage.optim``): a fresh LoRA
   on the base LLM trained on this run's own training records rendered as text, with the same
   LoRA spec, optimiser, batch size, steps and seed. The fair comparison: same LLM, same
   supervision, same budget; only the input path differs. (The multimodal model also had its
@@ -125,7 +126,7 @@ def run_text_baseline(model: Any, dm: Any, out: Path, parts: Any, write: bool = 
             m = run_generation(model, loader, max_new, out / "predictions_text_zero_shot.jsonl" if write else None,
                                desc="text baseline (zero-shot)", progress=write)
         metrics.update({f"text_zero_shot/{k}": v for k, v in m.items()})
-    if spec.train_lora and model.stage.name == "instruct" and dm.files.get("train"):
+    if spec.train_lora and dm.files.get("train"):  # stage=instruct, or stage=evaluate given data.train_files
         train_recs = [as_text_record(filled(r, stock), load, **render) for r in dm.records("train")]
         metrics.update(train_text_lora(parts, train_recs, eval_recs, dm, spec, out, write))
     return metrics

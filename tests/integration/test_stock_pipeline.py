@@ -7,6 +7,7 @@ ends, so the hand-offs and the frozen forecaster are checked on the runs themsel
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -221,3 +222,47 @@ def test_packed_model_moves_and_loads_every_trained_weight_for_evaluate_and_inst
     with pytest.raises(ValueError, match="not a readable packed model"):
         (moved / "model.safetensors").write_bytes(b"garbage")
         read_checkpoint(moved.resolve())
+
+
+def test_chat_answers_streams_keeps_history_and_refuses_bad_input_in_one_line(runs, tmp_path, capsys):
+    from modality.stock.data.prices import load_packaged
+    from tasks.chat import Chat, interactive, main, modality_for, parse_args
+    from tasks.runner import build, stage_policy
+
+    out, _, _ = runs
+    csv = tmp_path / "mine.csv"
+    load_packaged()["MSFT_2000"].iloc[-100:].reset_index().to_csv(csv, index=False)
+    assert modality_for(str(out / "instruct"), ROOT / "conf") == "stock"
+    assert parse_args(["init_from=x", "series=[a.csv, b.csv]", "llm=tiny"]) == ({"init_from": "x", "series": ["a.csv", "b.csv"]},
+                                                                                  ["llm=tiny"])
+    cfg = cfg_for(["stage=evaluate", "modality=stock", "llm=tiny", f"init_from={out}/instruct"])
+    built = build(cfg, stage_policy(cfg), 1)
+    chat = Chat(built.model.eval(), built.modalities, dict(built.model.placeholder_ids), built.system_prompt, 4)
+    streamed: list[str] = []
+    first = chat.ask("What is the overall trend?", {"stock": chat.attach("series", [str(csv)])}, stream=streamed.append)
+    assert streamed and "".join(streamed).strip() == first  # streamed piece by piece, the same answer
+    capsys.readouterr()
+    main([f"init_from={out}/instruct", f"series={csv}", "prompt=What is the overall trend?", "llm=tiny",
+          "max_new_tokens=4"])
+    assert capsys.readouterr().out == "".join(streamed) + "\n"  # the command line streams the same answer
+    chat.ask("And the volatility?")  # a follow-up without a new input keeps the window in the history
+    assert len(chat.turns) == 4 and chat.turns[0]["value"].startswith("<stock>\n") and chat.refs["stock"] == [{"csv": str(csv)}]
+    with pytest.raises(ValueError, match="placeholder"):  # more placeholders than inputs
+        chat.ask("<stock> vs <stock>: which is stronger?")
+    assert len(chat.turns) == 4 and len(chat.refs["stock"]) == 1  # a refused turn leaves no trace
+    with pytest.raises(ValueError, match="nope.csv"):
+        chat.attach("series", [str(tmp_path / "nope.csv")])
+    with pytest.raises(ValueError, match="reads \\['stock'\\], not speech"):
+        chat.attach("audio", ["x.wav"])
+    lines = iter([f"/series {csv}", "What is the overall trend?", "/series missing.csv", "/quit"])
+    printed = io.StringIO()
+    chat.reset()
+    interactive(chat, {}, read=lambda _: next(lines), out=printed)
+    text = printed.getvalue()
+    assert f"attached {csv}" in text and "error: " in text and "missing.csv" in text and len(chat.turns) == 2
+
+    records = out / "data" / "stock" / "v3_c64_h20" / "stock_qa_test.jsonl"
+    answers = tmp_path / "answers.jsonl"
+    main([f"init_from={out}/instruct", f"input={records}", f"output={answers}", "llm=tiny", "max_new_tokens=3",
+          "data.max_eval_samples=3"])
+    assert len(answers.read_text().splitlines()) == 3

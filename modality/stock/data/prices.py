@@ -146,6 +146,9 @@ def read_csv(
         name = user.get(canon) or lower.get(canon.lower()) or lower.get(canon.lower().replace(" ", "_"))
         if name is not None and name in raw.columns:
             names[canon] = name
+    for alias in ("datetime", "timestamp", "time", "unnamed: 0"):  # pandas' to_csv of a DatetimeIndex leaves "" here
+        if "Date" not in names and alias in lower:
+            names["Date"] = lower[alias]
     missing = [c for c in ("Date",) + OHLCV if c not in names]
     if missing:
         hint = f" (columns= maps {missing[0]} to your header name)"

@@ -155,3 +155,16 @@ def test_split_arguments_validated():
         split_bounds(1000, 10, 5, val_frac=0.6, test_frac=0.5)
     b = split_bounds(1000, 10, 5, val_frac=0.0, test_frac=0.2)
     assert b["val"] == (b["val"][0], b["val"][0]) and b["train"][1] + 5 == b["test"][0]
+
+
+def test_a_csv_written_by_pandas_with_an_unnamed_date_index_reads(tmp_path):
+    """``df.to_csv()`` of a DatetimeIndex leaves the date header empty (backtesting.py's GOOG.csv is one)."""
+    from modality.stock.data.prices import load_packaged, read_csv
+
+    df = load_packaged()["IBM_2000"].iloc[:40]
+    plain = df.copy()
+    plain.index.name = None
+    plain.to_csv(tmp_path / "x.csv")
+    assert (tmp_path / "x.csv").read_text().startswith(",Open")
+    got = read_csv(tmp_path / "x.csv")
+    assert list(got.index) == list(df.index) and got["Close"].to_numpy() == pytest.approx(df["Close"].to_numpy())
