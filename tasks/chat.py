@@ -48,20 +48,6 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     return mine, rest
 
 
-def modality_for(init_from: str, conf_dir: Path) -> str:
-    """The conf/modality group option whose ``_target_`` built the checkpoint's modality."""
-    import yaml
-
-    from tasks.checkpoint import META_KEY, read_chain
-
-    metas = [ckpt[META_KEY] for _, ckpt in read_chain(init_from)]
-    target = next((m["modality_cfg"].get("_target_") for m in metas if m.get("modality_cfg")), None)
-    for f in sorted((conf_dir / "modality").glob("*.yaml")):
-        if (yaml.safe_load(f.read_text()) or {}).get("_target_") == target:
-            return f.stem
-    raise ValueError(f"init_from={init_from}: no conf/modality config builds {target!r}; pass modality=<name>")
-
-
 class Chat:
     """A built model plus a conversation: ``ask`` appends a user turn (with its inputs) and answers it."""
 
@@ -172,20 +158,10 @@ def answer_file(model: Any, dm: Any, records: str, output: str, max_new_tokens: 
 
 
 def main(argv: list[str]) -> None:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-
-    from tasks.runner import build, stage_policy
+    from tasks.runner import build_trained
 
     settings, overrides = parse_args(argv)
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    if not any(o.startswith("modality=") for o in overrides):
-        overrides.append(f"modality={modality_for(settings['init_from'], conf)}")
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("train", overrides=["stage=evaluate", f"init_from={settings['init_from']}", *overrides],
-                      return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)  # the modality keys given here win over the checkpoint's, no others
-    built = build(cfg, stage_policy(cfg), 1)
+    built = build_trained(settings["init_from"], overrides)
     model = built.model.eval()
     max_new = int(settings.get("max_new_tokens", 256))
     if "input" in settings:

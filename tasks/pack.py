@@ -68,14 +68,27 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def accuracy_table(m: dict[str, Any]) -> list[str]:
+    """``accuracy/<type>`` of the model beside every baseline prefix found (``text_lora/accuracy/<type>`` ...)."""
+    types = sorted(k.split("/", 1)[1] for k in m if k.startswith("accuracy/"))
+    prefixes = [""] + sorted({k.split("/accuracy/")[0] for k in m if "/accuracy/" in k})
+    head = ["model" if not p else p for p in prefixes]
+    rows = ["| type | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for t in types + ["(all)"]:
+        key = "accuracy" if t == "(all)" else f"accuracy/{t}"
+        cells = [m.get(f"{p}/{key}" if p else key) for p in prefixes]
+        rows.append(f"| {t} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
+    return rows
+
+
 def card(name: str, meta: dict[str, Any], stages: list[dict[str, Any]], evals: dict[str, dict[str, Any]],
-         size_mb: float, notes: str = "") -> str:
+         size_mb: float, notes: str = "", weights: str | None = None) -> str:
     """The model card in markdown: base models, stages with their cost, and every evaluation's metrics."""
     mod = meta.get("modality_cfg", {})
     lines = [f"# {name}", "", notes.strip(), "",
              f"- LLM: `{meta.get('llm')}`; modalities: {meta.get('modalities')}; packed at commit `{_git_commit()}`",
-             f"- weights: `{PACKED_WEIGHTS}` ({size_mb:.2f} MB, fp16: what trained, no optimizer state); "
-             f"settings: `{PACKED_META}`",
+             weights or (f"- weights: `{PACKED_WEIGHTS}` ({size_mb:.2f} MB, fp16: what trained, no optimizer state); "
+                         f"settings: `{PACKED_META}`"),
              f"- modality settings: `{json.dumps({k: v for k, v in mod.items() if k != '_target_'})}`",
              f"- LoRA: `{json.dumps(meta.get('lora'))}`; system prompt: `{json.dumps(meta.get('system_prompt'))}`",
              "", "## Stages", "", "| stage | steps | CPU s | s/step | first loss | last loss | trainable params |",
@@ -83,8 +96,9 @@ def card(name: str, meta: dict[str, Any], stages: list[dict[str, Any]], evals: d
     for s in stages:
         lines.append("| " + " | ".join(str(s.get(k, "")) for k in ("stage",) + CARD_KEYS) + " |")
     for label, m in evals.items():
-        lines += ["", f"## Evaluation: {label}", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        lines += ["", f"## Evaluation: {label} ({m.get('eval_samples', '?')} questions)", ""] + accuracy_table(m)
+        rest = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and "accuracy" not in k}
+        lines += ["", "| other metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rest.items()]
     return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
 
 

@@ -193,6 +193,36 @@ def build(cfg: Config, policy: StagePolicy, batch_size: int) -> Built:
                  optim)
 
 
+def modality_for(init_from: str, conf_dir: Path) -> str:
+    """The conf/modality option whose ``_target_`` built the checkpoint chain's modality."""
+    import yaml
+
+    metas = [ckpt[META_KEY] for _, ckpt in read_chain(init_from)]
+    target = next((m["modality_cfg"].get("_target_") for m in metas if m.get("modality_cfg")), None)
+    for f in sorted((conf_dir / "modality").glob("*.yaml")):
+        if (yaml.safe_load(f.read_text()) or {}).get("_target_") == target:
+            return f.stem
+    raise UsageError(f"init_from={init_from}: no conf/modality config builds {target!r}; pass modality=<name>")
+
+
+def build_trained(init_from: str, overrides: list[str]) -> Built:
+    """A trained model as ``stage=evaluate init_from=...`` builds it, outside a train.py run (chat.py, export.py):
+    the modality is read from the checkpoint unless ``modality=`` is among the train.py ``overrides``."""
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    overrides = list(overrides)
+    if not any(o.startswith("modality=") for o in overrides):
+        overrides.append(f"modality={modality_for(init_from, conf)}")
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=["stage=evaluate", f"init_from={init_from}", *overrides],
+                      return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # the modality keys given here win over the checkpoint's, no others
+    built = build(cfg, stage_policy(cfg), 1)
+    built.model.eval()
+    return built
+
+
 def run(cfg: Config) -> dict[str, Any]:
     """Run one stage as configured; returns (and writes to <output_dir>/metrics.json) its metrics."""
     out = Path(cfg.paths.output_dir)

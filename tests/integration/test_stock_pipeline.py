@@ -226,8 +226,8 @@ def test_packed_model_moves_and_loads_every_trained_weight_for_evaluate_and_inst
 
 def test_chat_answers_streams_keeps_history_and_refuses_bad_input_in_one_line(runs, tmp_path, capsys):
     from modality.stock.data.prices import load_packaged
-    from tasks.chat import Chat, interactive, main, modality_for, parse_args
-    from tasks.runner import build, stage_policy
+    from tasks.chat import Chat, interactive, main, parse_args
+    from tasks.runner import build, modality_for, stage_policy
 
     out, _, _ = runs
     csv = tmp_path / "mine.csv"
@@ -266,3 +266,46 @@ def test_chat_answers_streams_keeps_history_and_refuses_bad_input_in_one_line(ru
     main([f"init_from={out}/instruct", f"input={records}", f"output={answers}", "llm=tiny", "max_new_tokens=3",
           "data.max_eval_samples=3"])
     assert len(answers.read_text().splitlines()) == 3
+
+
+def test_export_peft_merged_and_adaptor_load_where_users_load_them(runs, tmp_path):
+    from hydra.utils import instantiate
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.export import export, main
+    from tasks.runner import build_trained
+
+    out, _, _ = runs
+    built = build_trained(str(out / "instruct"), ["llm=tiny"])
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        ref = built.model.llm(input_ids=ids).logits
+    vocab = ref.shape[-1] - 1  # the trained model has one more row: the <stock> placeholder
+    export(built, "peft", tmp_path / "peft")
+    base = instantiate(cfg_for(["llm=tiny"]).llm.model).model
+    loaded = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    with torch.no_grad():
+        peft_logits = loaded(input_ids=ids).logits
+        with loaded.disable_adapter():
+            plain = loaded(input_ids=ids).logits
+    assert torch.allclose(peft_logits, ref[..., :vocab], atol=1e-5)
+    assert (plain - peft_logits).abs().max() > 1e-4  # the trained LoRA changes the output: the check is not vacuous
+
+    adaptor = export(built, "adaptor", tmp_path / "adaptor")
+    weights = load_file(str(adaptor / "adaptor.safetensors"))
+    own = built.modality.adaptor.state_dict()
+    assert weights.keys() == own.keys() and all(torch.equal(weights[k], own[k]) for k in own)
+    assert (adaptor / "encoder.safetensors").is_file()  # the chain pretrained the forecaster: it travels too
+    config = json.loads((adaptor / "config.json").read_text())
+    assert config["placeholder"] == "<stock>" and config["settings"]["context"] == 64 and (adaptor / "README.md").is_file()
+
+    main([f"init_from={out}/instruct", "format=merged", f"out={tmp_path}/merged", "llm=tiny"])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert "<stock>" in AutoTokenizer.from_pretrained(tmp_path / "merged").get_vocab()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, ref, atol=1e-4)
+    assert (tmp_path / "merged" / "modality" / "adaptor.safetensors").is_file()
+    with pytest.raises(ValueError, match="no LoRA"):
+        export(build_trained(str(out / "align"), ["llm=tiny"]), "peft", tmp_path / "nope")
