@@ -86,18 +86,19 @@ $(STOCK_OUT)/instruct/metrics.json: $(STOCK_OUT)/align/metrics.json
 	  data.batch_size=2 stage.optim.lr=1e-3 stage.optim.lora_lr=1e-3 eval.before=false eval.every_n_steps=50 \
 	  checkpoint_every=50 paths.output_dir=$(STOCK_OUT)/instruct
 
+STOCK_EVAL = data.max_eval_samples=360 data.text_baseline.zero_shot=false  # 30 questions of each type; the frozen LLM scores 0 % (instruct run)
 STOCK_OPTIM = '+stage.optim={lr:1e-3,lora_lr:1e-3,weight_decay:0.0,warmup_steps:10,min_lr_ratio:0.1}'
 
 # the held-out period, next to the text-only baseline with its own LoRA trained at the same budget
 $(STOCK_OUT)/eval_test/metrics.json: $(STOCK_OUT)/instruct/metrics.json
 	$(PY) train.py stage=evaluate modality=stock init_from=$(STOCK_OUT)/instruct data.eval_manifest=$(STOCK_DATA)/stock_qa_test.jsonl \
 	  data.train_files=$(STOCK_DATA)/stock_instruct_train.jsonl data.text_baseline.train_lora=true \
-	  trainer.max_steps=$(STOCK_INSTRUCT_STEPS) data.batch_size=2 $(STOCK_OPTIM) paths.output_dir=$(STOCK_OUT)/eval_test
+	  trainer.max_steps=$(STOCK_INSTRUCT_STEPS) data.batch_size=2 $(STOCK_OPTIM) $(STOCK_EVAL) paths.output_dir=$(STOCK_OUT)/eval_test
 
 # instruments never trained on (NFLX, NVDA): neither the forecaster nor the LLM saw them
 $(STOCK_OUT)/eval_heldout/metrics.json: $(STOCK_OUT)/instruct/metrics.json
 	$(PY) train.py stage=evaluate modality=stock init_from=$(STOCK_OUT)/instruct \
-	  data.eval_manifest=$(STOCK_DATA)/stock_qa_heldout.jsonl paths.output_dir=$(STOCK_OUT)/eval_heldout
+	  data.eval_manifest=$(STOCK_DATA)/stock_qa_heldout.jsonl $(STOCK_EVAL) paths.output_dir=$(STOCK_OUT)/eval_heldout
 
 $(STOCK_MODEL)/README.md: $(STOCK_OUT)/eval_test/metrics.json $(STOCK_OUT)/eval_heldout/metrics.json
 	$(PY) -m tasks.pack $(STOCK_OUT)/instruct $(STOCK_MODEL) --name stock-smollm2-135m --notes @$(STOCK_MODEL)/NOTES.md \

@@ -8,6 +8,7 @@ methods below; a plugin's own Lightning hooks serve its standalone pretraining.
 from __future__ import annotations
 
 import abc
+from pathlib import Path
 import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -75,6 +76,7 @@ class Modality(L.LightningModule, abc.ABC):
 
     name: str = "modality"
     placeholder: str = "<modality>"
+    input_key: str = "input"  # chat.py's command-line name for this plugin's inputs (audio=..., series=...)
     encoder: nn.Module
     adaptor: nn.Module
 
@@ -90,6 +92,10 @@ class Modality(L.LightningModule, abc.ABC):
     def load_features(self, ref: Any, root: str | None = None) -> tuple[Tensor, str]:
         """Reference -> (tensor, kind). kind is "features" (encode) or "hidden" (cached encoder output, adapt only)."""
         return self.featurize(self.load(ref, root)), "features"
+
+    def ref_for(self, path: str) -> Any:
+        """A record reference for a user's input named on a command line (an existing file: its absolute path)."""
+        return str(Path(path).resolve()) if Path(path).exists() else path
 
     def reading(self, ref: Any, root: str | None = None) -> str | None:
         """Words the plugin reads off an input by fixed rules (e.g. a price window's indicators), placed as

@@ -21,9 +21,9 @@ import torch
 from data.collate import ConversationCollator
 from data.dataset import ConversationDataset
 
-CHAT_KEYS = ("init_from", "prompt", "audio", "series", "input", "output", "max_new_tokens")
-INPUT_KEYS = {"audio": "speech", "series": "stock"}  # command-line key -> the modality name that reads it
-COMMANDS = {"/audio": "audio", "/series": "series"}
+INPUT_KEYS = ("audio", "series")  # the plugins' input_key names (Modality.input_key): inputs on the command line
+CHAT_KEYS = ("init_from", "prompt", "input", "output", "max_new_tokens") + INPUT_KEYS
+COMMANDS = {f"/{k}": k for k in INPUT_KEYS}
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
@@ -64,17 +64,18 @@ class Chat:
 
     def attach(self, key: str, paths: Iterable[str]) -> list[Any]:
         """Refs for ``paths`` of command-line kind ``key`` (audio, series), checked to load now (one line if not)."""
-        name = INPUT_KEYS[key]
-        if name not in self.modalities:
-            raise ValueError(f"{key}=: this model reads {sorted(self.modalities)}, not {name}")
-        plugin = self.modalities[name]
-        refs = []
-        for p in paths:
-            ref = {"csv": str(Path(p).resolve())} if name == "stock" and Path(p).exists() else (
-                str(Path(p).resolve()) if Path(p).exists() else p)
+        plugin = self.plugin_for(key)
+        refs = [plugin.ref_for(p) for p in paths]
+        for ref in refs:
             plugin.load(ref)  # bad input fails here, naming the file
-            refs.append(ref)
         return refs
+
+    def plugin_for(self, key: str) -> Any:
+        """The plugin whose inputs come as ``key=`` (Modality.input_key)."""
+        for m in self.modalities.values():
+            if m.input_key == key:
+                return m
+        raise ValueError(f"{key}=: this model reads {sorted(m.input_key for m in self.modalities.values())}, not {key}")
 
     def ask(self, text: str, inputs: dict[str, list[Any]] | None = None,
             stream: Callable[[str], None] | None = None) -> str:
@@ -138,7 +139,7 @@ def interactive(chat: Chat, inputs: dict[str, list[Any]], read: Callable[[str], 
                 continue
             if cmd in COMMANDS:
                 key = COMMANDS[cmd]
-                pending.setdefault(INPUT_KEYS[key], []).extend(chat.attach(key, [arg.strip()]))
+                pending.setdefault(chat.plugin_for(key).name, []).extend(chat.attach(key, [arg.strip()]))
                 print(f"attached {arg.strip()}", file=out)
                 continue
             chat.ask(line, pending, stream=lambda t: print(t, end="", flush=True, file=out))
@@ -174,7 +175,7 @@ def main(argv: list[str]) -> None:
     for key in INPUT_KEYS:
         if key in settings:
             paths = settings[key] if isinstance(settings[key], list) else [settings[key]]
-            inputs.setdefault(INPUT_KEYS[key], []).extend(chat.attach(key, paths))
+            inputs.setdefault(chat.plugin_for(key).name, []).extend(chat.attach(key, paths))
     if "prompt" in settings:
         chat.ask(settings["prompt"], inputs, stream=lambda t: print(t, end="", flush=True))
         print()

@@ -73,14 +73,17 @@ def answer_correct(reference: str, prediction: str) -> bool:
     return any(hyp[i:i + len(ref)] == ref for i in range(len(hyp) - len(ref) + 1))
 
 
+def stated_interval(prediction: str) -> tuple[float, float] | None:
+    """The first two percentages a prediction states, low first; None when it states fewer."""
+    nums = [float(x) for x in re.findall(r"([+-]?\d+(?:\.\d+)?)\s*%", prediction)[:2]]
+    return (min(nums), max(nums)) if len(nums) == 2 else None
+
+
 def interval_covers(reference: str, prediction: str) -> bool:
     """A ``*_band`` answer: the first two percentages the prediction states bound the realised value
     ``reference`` (a number). Why: a stated range is right when what happened falls inside it."""
-    nums = [float(x) for x in re.findall(r"([+-]?\d+(?:\.\d+)?)\s*%", prediction)[:2]]
-    if len(nums) < 2:
-        return False
-    lo, hi = sorted(nums)
-    return lo <= float(reference) <= hi
+    band = stated_interval(prediction)
+    return band is not None and band[0] <= float(reference) <= band[1]
 
 
 def score(types: list[str], refs: list[str], preds: list[str]) -> dict[str, float]:
@@ -98,6 +101,10 @@ def score(types: list[str], refs: list[str], preds: list[str]) -> dict[str, floa
             continue
         judge = interval_covers if t.endswith("_band") else answer_correct
         hits = sum(judge(r, p) for r, p in pairs)
+        if t.endswith("_band"):  # coverage alone rewards wide bands: report how wide they were
+            widths = [b[1] - b[0] for b in map(stated_interval, (p for _, p in pairs)) if b is not None]
+            if widths:
+                out[f"band_width/{t}"] = round(sum(widths) / len(widths), 2)
         out[f"accuracy/{t}"] = round(hits / len(pairs), 4)
         acc_total += hits
         acc_n += len(pairs)

@@ -6,7 +6,7 @@
   ``AutoTokenizer.from_pretrained(dir)`` load it; the tokenizer carries the placeholder tokens), and the
   modality beside it in ``modality/`` (as ``adaptor`` writes it).
 - ``adaptor``: the modality's trained weights as safetensors (``adaptor.safetensors``; ``encoder.safetensors``
-  too when the chain trained the encoder, e.g. the stock forecaster) plus ``config.json`` (the modality's
+  too when the chain trained the encoder, e.g. a pretrained time-series encoder) plus ``config.json`` (the modality's
   settings, its placeholder, the LLM it feeds and the frozen encoder it expects).
 
 Each folder gets a ``README.md`` model card (tasks.pack.card: base models, stages, steps, CPU time, metrics, the

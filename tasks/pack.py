@@ -1,7 +1,7 @@
 """Pack a trained checkpoint chain into a shippable model folder: ``python -m tasks.pack <run> <out>``.
 
 A run's checkpoint holds only what its stage trained and names its parent by absolute path, so a
-chain (forecast -> align -> instruct) cannot move. A packed folder is self-contained and relocatable:
+chain (encoder pretraining -> align -> instruct) cannot move. A packed folder is self-contained and relocatable:
 
 - ``model.safetensors``: every weight the chain trained (encoder pretraining, adaptor, LoRA, new
   rows), merged newest-wins under the full model's names, in fp16; no optimizer state.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,8 @@ def merged_meta(chain: list[tuple[Path, dict]]) -> dict[str, Any]:
                 meta[k] = v
     meta.update(parent=None, stages=[c[META_KEY]["stage"] for _, c in reversed(chain)], packed=True)
     meta.pop("trainable", None)
+    if meta.get("train_files"):  # provenance only; relative to the working directory, so nothing absolute ships
+        meta["train_files"] = [os.path.relpath(f) if Path(f).is_absolute() else f for f in meta["train_files"]]
     return meta
 
 
@@ -129,7 +132,7 @@ def pack(run: str | Path, out: str | Path, evals: dict[str, str | Path] | None =
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Pack a run's checkpoint chain into a relocatable model folder.")
     ap.add_argument("run", help="run directory or .ckpt (its parents are followed)")
-    ap.add_argument("out", help="folder to write, e.g. models/stock-smollm2-135m")
+    ap.add_argument("out", help="folder to write, e.g. models/<name>")
     ap.add_argument("--eval", action="append", default=[], metavar="LABEL=RUN_DIR",
                     help="an evaluation run whose metrics.json goes into the card (repeatable)")
     ap.add_argument("--name", default=None)

@@ -122,6 +122,7 @@ class SpeechModality(Modality):
 
     name = "speech"
     placeholder = "<speech>"
+    input_key = "audio"
 
     def __init__(
         self,

@@ -141,6 +141,7 @@ class SpeechUnitsModality(Modality):
 
     name = "speech"
     placeholder = "<speech>"
+    input_key = "audio"
 
     def __init__(self, *, d_llm: int, codebook: str, fit_manifest: str | None = None, fit_clips: int = 600,
                  encoder_name: str = PACKAGED, n_units: int = 128, pitch_bins: int = 8, energy_bins: int = 4,

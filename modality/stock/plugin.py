@@ -84,6 +84,7 @@ class StockModality(Modality):
 
     name = "stock"
     placeholder = "<stock>"
+    input_key = "series"
 
     def __init__(
         self,
@@ -199,6 +200,10 @@ class StockModality(Modality):
         series = load_source(src, self.columns)
         key, df = resolve_series(series, r["ticker"], r["end"], source=str(src))
         return window_at(df, r["end"], self.cfg.context + 1, source=f"{src}[{key}]")
+
+    def ref_for(self, path: str) -> Any:
+        """A CSV file on a command line -> its ref (last window of its only series); else a ``TICKER@date`` string."""
+        return {"csv": str(Path(path).resolve())} if Path(path).exists() else path
 
     def reading(self, ref: Any, root: str | None = None) -> str | None:
         """The window's signals, chart patterns and the forecaster's call in words (text.reading,

@@ -252,7 +252,7 @@ def test_chat_answers_streams_keeps_history_and_refuses_bad_input_in_one_line(ru
     assert len(chat.turns) == 4 and len(chat.refs["stock"]) == 1  # a refused turn leaves no trace
     with pytest.raises(ValueError, match="nope.csv"):
         chat.attach("series", [str(tmp_path / "nope.csv")])
-    with pytest.raises(ValueError, match="reads \\['stock'\\], not speech"):
+    with pytest.raises(ValueError, match="reads \\['series'\\], not audio"):
         chat.attach("audio", ["x.wav"])
     lines = iter([f"/series {csv}", "What is the overall trend?", "/series missing.csv", "/quit"])
     printed = io.StringIO()

@@ -175,7 +175,8 @@ def window_record(kind: str, rid: str, df, key: str, anchor: int, context: int, 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     sig = compute_signals(df.iloc[anchor - context : anchor + 1])
-    end = str(df.index[anchor].date())
+    ts = df.index[anchor]
+    end = str(ts.date()) if ts == ts.normalize() else ts.isoformat()  # intraday bars need their time
     rec: dict = {"id": f"{rid}-{key}-{end}", "stock": [{"csv": csv, "ticker": key, "end": end}]}
     if kind == "align":
         rec["type"] = "caption"  # scored as an exact caption: eyeball predictions.jsonl, watch val/loss

@@ -8,7 +8,7 @@ import pytest
 
 from modality.stock.data.outlook import FORECAST_TYPES, answers, forecast_from_output, realized, trailing_vol
 from modality.stock.data.text import window_record
-from tasks.evaluate import answer_correct, interval_covers
+from tasks.evaluate import answer_correct, interval_covers, score
 
 CONTEXT, H = 64, 10
 
@@ -64,3 +64,5 @@ def test_forecast_words_round_trip_through_the_scorers():
     assert answer_correct("likely to rise", a["forecast_volatility"])
     assert interval_covers("+5.9", a["forecast_band"]) and not interval_covers("+6.1", a["forecast_band"])
     assert not interval_covers("0", "no numbers here")
+    m = score(["forecast_band"] * 2, ["+5.9", "+7.0"], [a["forecast_band"], "from -1% to +1%"])
+    assert m["accuracy/forecast_band"] == 0.5 and m["band_width/forecast_band"] == pytest.approx((10.0 + 2.0) / 2)

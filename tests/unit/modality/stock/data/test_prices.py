@@ -168,3 +168,18 @@ def test_a_csv_written_by_pandas_with_an_unnamed_date_index_reads(tmp_path):
     assert (tmp_path / "x.csv").read_text().startswith(",Open")
     got = read_csv(tmp_path / "x.csv")
     assert list(got.index) == list(df.index) and got["Close"].to_numpy() == pytest.approx(df["Close"].to_numpy())
+
+
+def test_intraday_bars_get_refs_with_their_time(tmp_path):
+    """An hourly CSV (backtesting.py's EURUSD.csv is one): a window ends at its bar, not at the day's first."""
+    from modality.stock.data.datamodule import csv_records
+    from modality.stock.plugin import StockModality
+
+    df = load_packaged()["IBM_2000"].iloc[:120].copy()
+    df.index = pd.date_range("2017-04-19 09:00", periods=len(df), freq="h", name="Date")
+    df.to_csv(tmp_path / "hourly.csv")
+    recs = csv_records(tmp_path / "hourly.csv", 64, n_windows=2)
+    m = StockModality(d_llm=None, context=64, horizon=5, patch_len=8, stride=4, d_model=16, n_heads=2, n_layers=1, d_ff=16)
+    for r in recs[:: len(recs) - 1]:
+        ref = r["stock"][0]
+        assert "T" in ref["end"] and m.load(ref).index[-1] == pd.Timestamp(ref["end"])
