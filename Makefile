@@ -70,7 +70,7 @@ demo: data
 # the shipped stock model (models/stock-smollm2-135m): forecaster -> align -> instruct on the packaged series
 # without NFLX/NVDA (held-out instruments), evaluated on the held-out period and on the held-out tickers, packed
 # with its card. Each stage is a file target (a finished stage is not rerun); a killed stage continues with
-# `python train.py ... resume=$(STOCK_OUT)/<stage>/checkpoints/last.ckpt`. ~40 min on a 2-core CPU.
+# `python train.py ... resume=$(STOCK_OUT)/<stage>/checkpoints/last.ckpt`. ~80 min on a 2-core CPU (instruct ~35, evaluations ~30).
 stock-model: $(STOCK_MODEL)/README.md
 
 $(STOCK_OUT)/forecast/metrics.json:
