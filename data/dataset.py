@@ -13,6 +13,13 @@ from data.records import to_messages
 log = logging.getLogger(__name__)
 
 
+def fill_templates(text: str, fields: dict[str, str]) -> str:
+    """``{field}`` answer templates in ``text`` written with ``fields`` (Modality.answer_fields)."""
+    for k, v in fields.items():
+        text = text.replace("{" + k + "}", v)
+    return text
+
+
 class ConversationDataset(Dataset):
     """Loads each record's modality inputs with ``modality.load_features``.
 
@@ -42,9 +49,7 @@ class ConversationDataset(Dataset):
         fields = self.modalities[name].answer_fields(rec[name][0], rec.get("root"))
         out = []
         for msg in messages:
-            text = msg["content"]
-            for k, v in fields.items():
-                text = text.replace("{" + k + "}", v)
+            text = fill_templates(msg["content"], fields)
             left = re.findall(r"\{[a-z_]+\}", text)
             if left:
                 raise ValueError(f"{where}: {name} cannot fill {left[0]} (it fills {sorted(fields)})")

@@ -34,7 +34,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from data.collate import ConversationCollator
-from data.dataset import ConversationDataset
+from data.dataset import ConversationDataset, fill_templates
 from modality.stock.data.datamodule import as_text_record
 from modality.stock.data.text import write_records
 from tasks.evaluate import run_generation, score
@@ -72,14 +72,8 @@ def filled(rec: dict, stock: Any) -> dict:
     if not rec.get("fill"):
         return rec
     fields = stock.answer_fields(rec["stock"][0], rec.get("root"))
-    conv = [{**t, "value": _fill_text(t["value"], fields)} for t in rec["conversations"]]
+    conv = [{**t, "value": fill_templates(t["value"], fields)} for t in rec["conversations"]]
     return {**{k: v for k, v in rec.items() if k != "fill"}, "conversations": conv}
-
-
-def _fill_text(text: str, fields: dict[str, str]) -> str:
-    for k, v in fields.items():
-        text = text.replace("{" + k + "}", v)
-    return text
 
 
 def forecaster_head(records: list[dict], stock: Any) -> dict[str, float]:
