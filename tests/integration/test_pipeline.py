@@ -219,3 +219,27 @@ def test_align_continues_from_an_align_run_with_new_optimizer_settings(speech_co
     fresh = run(cfg_for(common + [f"paths.output_dir={tmp_path}/a3", "stage.optim.lr=1e-12", "stage.optim.lora_lr=1e-12"]))
     third = torch.load(tmp_path / "a3" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert fresh["steps"] == 2 and any(not torch.allclose(third[k], v, atol=1e-6) for k, v in first["state_dict"].items())
+
+
+def test_chat_hears_clips_keeps_them_in_the_history_and_refuses_bad_audio(runs, speech_corpus, tmp_path, capsys):
+    from tasks.chat import Chat, main
+    from tasks.runner import build_trained
+
+    out, _, _ = runs
+    wav = sorted(Path(speech_corpus).rglob("*.wav"))[0]
+    built = build_trained(str(out / "instruct"), ["llm=tiny"])
+    chat = Chat(built.model, built.modalities, dict(built.model.placeholder_ids), built.system_prompt, 3)
+    streamed: list[str] = []
+    answer = chat.ask("What is said?", {"speech": chat.attach("audio", [str(wav)])}, stream=streamed.append)
+    assert "".join(streamed).strip() == answer
+    assert chat.turns[0]["value"] == "<speech>\nWhat is said?" and chat.refs["speech"] == [str(wav.resolve())]
+    with pytest.raises(ValueError, match="reads \\['audio'\\], not series"):
+        chat.attach("series", ["x.csv"])
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF0000WAVEnot audio")
+    with pytest.raises(ValueError, match="bad.wav"):
+        chat.attach("audio", [str(bad)])
+    capsys.readouterr()
+    main([f"init_from={out}/instruct", f"audio=[{wav},{wav}]", "prompt=Which clip is longer?", "llm=tiny",
+          "max_new_tokens=3"])
+    assert capsys.readouterr().out.endswith("\n")
