@@ -20,7 +20,8 @@ def batch_size(batch: Any) -> int:
 
 
 class RunStats(L.Callback):
-    """First/last training loss, steps, samples/s and parameter counts."""
+    """First/last training loss, steps, samples/s and parameter counts. Time spent in evaluations during
+    training (``exclude``, called by PeriodicEval) is not training time: seconds per step count steps only."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
@@ -28,6 +29,11 @@ class RunStats(L.Callback):
         self.t0 = 0.0
         self.seconds = 0.0  # training time of every fit this run's state has seen (a resumed run's included)
         self._before = 0.0
+        self._excluded = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Take ``seconds`` (an evaluation inside the fit) out of the training time."""
+        self._excluded += seconds
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpointed (a resumed run reports its whole history) and handed back by spawned ranks."""
@@ -39,6 +45,7 @@ class RunStats(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.t0 = time.perf_counter()
+        self._excluded = 0.0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -48,7 +55,7 @@ class RunStats(L.Callback):
         self.samples += batch_size(batch)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.seconds = self._before + time.perf_counter() - self.t0
+        self.seconds = self._before + time.perf_counter() - self.t0 - self._excluded
 
     def summary(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
         params = list(module.named_parameters())
@@ -75,8 +82,10 @@ class PeriodicEval(L.Callback):
     """
 
     def __init__(self, loader: Any, every_n_steps: int, max_new_tokens: int, path: str | Path | None = None,
-                 num_beams: int = 1):
+                 num_beams: int = 1, stats: RunStats | None = None):
         self.loader, self.every, self.max_new_tokens, self.num_beams = loader, every_n_steps, max_new_tokens, num_beams
+        self.stats = stats  # told how long each evaluation took, so it is not counted as training time
+        self.eval_seconds = 0.0
         self.path = Path(path) if path is not None else None
         self.curve: list[dict[str, Any]] = []
         self.t0 = 0.0
@@ -102,7 +111,11 @@ class PeriodicEval(L.Callback):
         t = time.perf_counter()
         metrics = run_generation(pl_module, self.loader, self.max_new_tokens, desc=f"evaluate@{step}",
                                  num_beams=self.num_beams, progress=zero)
-        self.t0 += time.perf_counter() - t  # the curve's clock counts training time only
+        took = time.perf_counter() - t
+        self.t0 += took  # the curve's clock counts training time only
+        self.eval_seconds += took
+        if self.stats is not None:
+            self.stats.exclude(took)
         if not zero:
             self.curve.append({"step": step})
             return

@@ -275,7 +275,7 @@ def run(cfg: Config) -> dict[str, Any]:
     extra: list[L.Callback] = []
     if eval_loader is not None and ev.get("every_n_steps"):
         curve = PeriodicEval(eval_loader, int(ev.every_n_steps), parts.max_new_tokens, out / "curve.jsonl",
-                             num_beams=beams)
+                             num_beams=beams, stats=stats)
         extra.append(curve)
     meta = {"stage": policy.name, "llm": lm.name, "modalities": list(modalities),
             "parent": str(chain[0]) if chain else None, "lora": OmegaConf.to_container(cfg.llm.lora) if policy.lora else None,
@@ -291,6 +291,7 @@ def run(cfg: Config) -> dict[str, Any]:
         trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")
     for cb in extra:
         metrics["curve"] = cb.curve
+        metrics["periodic_eval_seconds"] = round(cb.eval_seconds, 2)  # not in train_seconds / seconds_per_step
     metrics["skipped_samples"] = len(model.skipped)
     if model.skipped:
         metrics["skipped"] = model.skipped[:100]

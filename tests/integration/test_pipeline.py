@@ -57,6 +57,9 @@ def test_learning_curve_in_metrics_and_written_as_measured(runs):
     assert all("wer" in p and p["train_seconds"] >= 0 for p in align["curve"])
     lines = [json.loads(x) for x in (out / "align" / "curve.jsonl").read_text().splitlines()]
     assert lines == json.loads(json.dumps(align["curve"]))  # the file survives a run killed mid-way
+    # evaluations during training are timed apart: seconds per step count the steps only
+    assert align["periodic_eval_seconds"] > 0
+    assert align["seconds_per_step"] == pytest.approx(align["train_seconds"] / align["steps"], abs=1e-3)
 
 
 def test_checkpoint_holds_only_what_trains(runs):

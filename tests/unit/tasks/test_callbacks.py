@@ -1,6 +1,8 @@
 import os
 import time
 
+import pytest
+
 import lightning as L
 import torch
 from torch import nn
@@ -61,3 +63,15 @@ def test_a_stale_stop_file_touched_again_during_the_run_stops_it(tmp_path):
     stop = StopFile(tmp_path / "STOP")
     trainer = fit([TouchAt(tmp_path / "STOP", 2), stop])
     assert trainer.global_step == 2 and stop.stopped_at == 2
+
+
+def test_run_stats_leave_excluded_evaluation_time_out_of_training_time(monkeypatch):
+    import tasks.callbacks as cb
+
+    clock = iter([100.0, 130.0])
+    monkeypatch.setattr(cb.time, "perf_counter", lambda: next(clock))
+    stats = cb.RunStats()
+    stats.on_train_start(None, None)
+    stats.exclude(12.5)  # an evaluation inside the fit
+    stats.on_train_end(None, None)
+    assert stats.seconds == pytest.approx(17.5)
