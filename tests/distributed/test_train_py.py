@@ -114,5 +114,5 @@ def test_stock_chain_runs_through_train_py(trainer, tmp_path):
     assert a["steps"] == 2 and "accuracy" in a and "before/accuracy" in a
     assert i["steps"] == 2 and "accuracy" in i and "text_zero_shot/accuracy" in i  # the baseline ran too
     if trainer == "fsdp":
-        records = tmp_path / "data" / "stock" / "c64_h20" / "stock_qa_test.jsonl"
+        records = tmp_path / "data" / "stock" / "v3_c64_h20" / "stock_qa_test.jsonl"
         assert evaluate_alone(tmp_path / "i", tmp_path / "e", records, *STOCK, *data, "data.max_eval_samples=8") == predictions(tmp_path / "i")
