@@ -210,7 +210,8 @@ def test_packed_model_moves_and_loads_every_trained_weight_for_evaluate_and_inst
     for part in ("modalities.stock.encoder.", "modalities.stock.adaptor.", "lora_"):
         assert any(part in k for k in names), part
     assert packed["mmlm"]["stages"] == ["forecast", "align", "instruct"] and packed["mmlm"]["parent"] is None
-    assert "accuracy" in (moved / "README.md").read_text()
+    card = (moved / "README.md").read_text()  # the evaluation's accuracy table, the model's overall score in it
+    assert "| (all) | " + f"{runs[1]['instruct']['accuracy']:.3f}" in card and "| instruct | 3 |" in card
     records = out / "data" / "stock" / "v3_c64_h20" / "stock_qa_test.jsonl"
     m = runner.run(cfg_for(SMALL + ["stage=evaluate", f"init_from={moved}", f"data.eval_manifest={records}",
                                     "data.max_eval_samples=4", f"paths.output_dir={tmp_path}/eval"]))
