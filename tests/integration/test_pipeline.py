@@ -59,7 +59,7 @@ def test_learning_curve_in_metrics_and_written_as_measured(runs):
     assert lines == json.loads(json.dumps(align["curve"]))  # the file survives a run killed mid-way
     # evaluations during training are timed apart: seconds per step count the steps only
     assert align["periodic_eval_seconds"] > 0
-    assert align["seconds_per_step"] == pytest.approx(align["train_seconds"] / align["steps"], abs=1e-3)
+    assert align["seconds_per_step"] == pytest.approx(align["train_seconds"] / align["steps"], abs=3e-3)  # both rounded
 
 
 def test_checkpoint_holds_only_what_trains(runs):
