@@ -107,3 +107,33 @@ def test_evaluate_inherits_the_trained_modality_but_the_command_line_wins():
     taken = _inherit_modality(phase2, [{"stage": "align", "modality_cfg": saved2}], ARCH_MODALITY_KEYS)
     assert taken["encoder_layers"] == "all" and taken["adaptor"] == "transformer"
     assert "ctc_compress" not in taken and "time_mask" not in taken and set(taken) <= set(ARCH_MODALITY_KEYS)
+
+
+@pytest.mark.slow
+def test_phoneme_chain_then_the_llm_reads_the_phonemes_and_writes_the_words(speech_corpus, tmp_path):
+    """speech_align_phonemes -> speech_read_phonemes (LoRA reading soft phonemes) -> evaluate, where the LLM writes
+    every transcript (greedy, or its beams re-scored by the phoneme CTC) and the lexicon's words are only a
+    reference column."""
+    common = TINY + SHRINK + _data(speech_corpus, tmp_path) + ["eval.max_new_tokens=3", "trainer.log_every_n_steps=1"]
+    p1 = run(cfg_for(common + ["experiment=speech_align_phonemes", "trainer.max_steps=2", "data.eval_files=null",
+                               f"paths.output_dir={tmp_path}/p1"]))
+    phonemes = _meta(tmp_path / "p1")["ctc_phonemes"]
+    assert p1["steps"] == 2 and phonemes[0] == "<b>"
+    p2 = run(cfg_for(common + ["experiment=speech_read_phonemes", "trainer.max_steps=2", "eval.every_n_steps=null",
+                               f"init_from={tmp_path}/p1", f"paths.output_dir={tmp_path}/p2"]))
+    assert p2["steps"] == 2 and "wer" in p2 and "ctc_per" in p2
+    saved = torch.load(tmp_path / "p2" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["state_dict"] and all("lora_" in k for k in saved["state_dict"])  # only the reader trains
+    assert saved["mmlm"]["ctc_phonemes"] == phonemes
+    header = (tmp_path / "p2" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "train/lm_loss" in header and "train/ctc_speech" not in header
+    ev = run(cfg_for(TINY + ["stage=evaluate", f"init_from={tmp_path}/p2", f"paths.output_dir={tmp_path}/ev",
+                             f"data.eval_manifest={speech_corpus}/eval.jsonl", "data.max_eval_samples=2",
+                             "eval.max_new_tokens=3", "eval.num_beams=2", "eval.joint_weight=0.5",
+                             "eval.lexicon.reference=true", "eval.lexicon.words=null"]))
+    rows = [json.loads(r) for r in (tmp_path / "ev" / "predictions.jsonl").open()]
+    assert {"wer", "lexicon_wer", "ctc_per"} <= set(ev) and len(rows) == 2
+    for r in rows:
+        assert {c["source"] for c in r["candidates"]} == {"llm"}  # only the LLM's beams are candidates
+        assert r.get("raw_prediction", r["prediction"]) in [c["text"] for c in r["candidates"]]
+        assert "lexicon" in r and "phoneme_readout" in r

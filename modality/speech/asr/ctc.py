@@ -173,7 +173,7 @@ def greedy_ctc_decode(out: Tensor, lengths: Tensor, embedding_weight: Tensor, bl
 
 def ctc_compress(out: Tensor, lengths: Tensor, embedding_weight: Tensor, blank_id: int,
                  vocab: Tensor | None = None, soft: bool = False, scale: float = 30.0,
-                 logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 logits: Tensor | None = None, drop_blank: bool = False) -> tuple[Tensor, Tensor]:
     """CTC compression: drop positions whose class is the blank, average each run of one class.
 
     out [n, N, D] adaptor output, lengths [n] -> (compressed [n, N, D] with each clip's k segment means first
@@ -186,7 +186,8 @@ def ctc_compress(out: Tensor, lengths: Tensor, embedding_weight: Tensor, blank_i
     distribution mapped through the embedding rows (``p @ E``) before averaging, so a confident position IS
     the token's own embedding row: the LLM reads text it knows, and gradients still reach the adaptor via p.
     (A ``hard`` variant, each kept position its argmax class's row, was measured and removed: held-out WER
-    52.4 % vs 52.8 %, bench/RESULTS.md.)
+    52.4 % vs 52.8 %, bench/RESULTS.md.) ``drop_blank``: the soft mixture leaves the blank out (its
+    probability renormalised over the other classes): phoneme classes, whose table has no row for it.
     """
     if vocab is not None:
         vocab = vocab.to(out.device)
@@ -209,7 +210,11 @@ def ctc_compress(out: Tensor, lengths: Tensor, embedding_weight: Tensor, blank_i
         seg = torch.where(empty[:, None], torch.zeros_like(seg), seg).clamp(min=0)
         k = k.clamp(min=1)
     if soft:
-        out = (logits.float().softmax(-1) @ table.detach().float()).to(out.dtype)  # [n, N, V] @ [V, D]
+        p = logits.float().softmax(-1)                                  # [n, N, V]
+        if drop_blank:
+            p = p.index_fill(-1, torch.tensor([blank], device=p.device), 0.0)
+            p = p / p.sum(-1, keepdim=True).clamp(min=1e-6)
+        out = (p @ table.detach().float()).to(out.dtype)                # [n, N, V] @ [V, D]
     w = speak.to(out.dtype)[..., None]                                  # [n, N, 1]
     sums = out.new_zeros(n, N, D).scatter_add(1, seg[..., None].expand(-1, -1, D), out * w)
     counts = out.new_zeros(n, N, 1).scatter_add(1, seg[..., None], w)

@@ -30,7 +30,6 @@ from torch import Tensor
 
 from llm.lora import backbone_and_head
 from llm.tokens import stop_token_ids
-from modality.speech.asr.ctc import to_classes
 
 
 @dataclass
@@ -207,7 +206,7 @@ def joint_decode(model: Any, objective: Any, batch: dict, max_new_tokens: int, s
     logits, classes and segmenter), or None without one. The adaptor runs once per batch: the LLM's prompt, the
     readout, the spellings and the CTC scores share it.
     """
-    if spec.joint and (objective is None or objective.vocab is None):
+    if spec.joint and (objective is None or (objective.vocab is None and not objective.phonemes)):
         raise ValueError("eval.joint_weight > 0 needs a chain trained with CTC classes (stage.ctc_vocab=corpus, "
                          "e.g. experiment=speech_align_ctc); this model has none: set eval.joint_weight=0")
     tok = model.tokenizer
@@ -229,9 +228,10 @@ def joint_decode(model: Any, objective: Any, batch: dict, max_new_tokens: int, s
     todo = [b for b in range(B) if batch["types"][b] in transcript_types and readouts[b] is not None]
     if not todo:
         return best, readouts, cands
-    spelled = _ctc_spellings(objective, batch, outs, table, spec.ctc_beams) if spec.ctc_beams else {}
+    words = objective.phonemes is None  # a token chain's readout and spellings are text candidates too
+    spelled = _ctc_spellings(objective, batch, outs, table, spec.ctc_beams) if spec.ctc_beams and words else {}
     for b in todo:
-        seen = dict.fromkeys([*beams[b], readouts[b], *spelled.get(b, [])])  # ordered, unique; the LLM's first
+        seen = dict.fromkeys([*beams[b], *([readouts[b]] if words else []), *spelled.get(b, [])])  # the LLM's first
         cands[b] = [{"text": t, "source": "llm" if t in beams[b] else "ctc"} for t in seen if t] or None
     todo = [b for b in todo if cands[b] is not None]
     if not todo:
@@ -243,14 +243,13 @@ def joint_decode(model: Any, objective: Any, batch: dict, max_new_tokens: int, s
     for (b, c), v, i in zip(flat, lm, ids):
         c["lm"], c["tokens"] = v, len(i)
     # CTC scores, per clip
-    vocab = objective.vocab.to(embeds.device)
     out, lengths = outs[objective.modality]
     logits = objective.logits(out, table)                                 # [n_clips, N, V]
     for k, b in enumerate(batch["modal"][objective.modality]["sample_index"].tolist()):
         if cands[b] is None:
             continue
-        targets = [objective.segmenter(tok.encode(" " + c["text"], add_special_tokens=False)) for c in cands[b]]
-        scores = ctc_logprobs(logits[k], int(lengths[k]), to_classes(targets, vocab), objective.blank)
+        targets = objective.text_targets([c["text"] for c in cands[b]])
+        scores = ctc_logprobs(logits[k], int(lengths[k]), targets, objective.blank)
         for c, v in zip(cands[b], scores):
             c["ctc"] = v if math.isfinite(v) else None  # strict JSON in predictions.jsonl (no -Infinity)
     for b in todo:

@@ -7,8 +7,10 @@ Two kinds of classes (``stage.ctc_vocab``):
   embedding rows (``stage.ctc_classifier``). Its greedy readout is text (``ctc_readout``, ``val/ctc_wer``), and
   ``modality.ctc_compress`` can feed the LLM the collapsed spelling.
 * ``phonemes``: espeak-ng's canonical phonemes of the transcript (modality.speech.asr.phonemes), blank first,
-  with a trained linear head; its readout is phonemes (``phoneme_readout``, ``val/ctc_per``), and words come
-  from the lexicon decoder at evaluation.
+  with a trained linear head; its readout is phonemes (``phoneme_readout``, ``val/ctc_per``). Words come from the
+  lexicon decoder at evaluation, or, with ``modality.ctc_compress=soft``, the LLM reads the collapsed phonemes
+  (each kept position = its phoneme distribution @ a table of the LLM's own rows for each phoneme's IPA text)
+  and writes the words itself.
 
 The classes, the classifier kind and the language travel in the checkpoint (``meta``); a later stage rebuilds
 the objective from them, so its heads load from the chain.
@@ -57,8 +59,8 @@ class CtcObjective(Objective):
         if self.phonemes is not None:
             if self.phonemes[0] != BLANK or WORD not in self.phonemes:
                 raise ValueError(f"phoneme classes must start with {BLANK!r} and hold {WORD!r}")
-            if self.compress:
-                raise ValueError("a phoneme CTC chain feeds no LLM: set modality.ctc_compress=false")
+            if self.compress == "mean":
+                raise ValueError("phoneme classes feed the LLM with modality.ctc_compress=soft (or false), not mean")
             classifier, vocab = "linear", None
             self.phonemizer = phonemizer if phonemizer is not None else Phonemizer(language)
             self._phoneme_index = {p: i for i, p in enumerate(self.phonemes)}
@@ -72,6 +74,20 @@ class CtcObjective(Objective):
             self.head = linear_head(d_llm, len(self.phonemes) if self.phonemes else len(vocab))
             self.head.requires_grad_(trainable and weight > 0)  # no CTC loss: it would get no gradient
         self._counts = [0, 0]  # validation: edits, reference units of the greedy readout
+        self._table: tuple[int, Tensor] | None = None  # (id of the embedding matrix, phoneme rows) for soft reading
+
+    def phoneme_table(self, embeddings: Tensor) -> Tensor:
+        """[n_phonemes, D]: each phoneme's row = the mean of the LLM's rows for its IPA text (the word boundary:
+        the rows of ' |'); the blank's row is zeros (ctc_compress drops it). Fixed, not trained: the LLM's LoRA
+        learns to read it, and a checkpoint carries nothing new."""
+        key = (embeddings.data_ptr(), embeddings.device)
+        if self._table is None or self._table[0] != key:
+            rows = [embeddings.new_zeros(embeddings.shape[1])]
+            for p in self.phonemes[1:]:
+                ids = self.tokenizer.encode(" |" if p == WORD else p, add_special_tokens=False)
+                rows.append(embeddings.detach()[torch.tensor(ids, device=embeddings.device)].float().mean(0).to(embeddings))
+            self._table = (key, torch.stack(rows))
+        return self._table[1]
 
     # ------------------------------------------------------------------ classes
     def logits(self, out: Tensor, embeddings: Tensor) -> Tensor:
@@ -106,6 +122,20 @@ class CtcObjective(Objective):
             out.append(None if None in idx else idx)
         return out
 
+    def text_targets(self, texts: Sequence[str]) -> list[list[int] | None]:
+        """Class indices of candidate transcripts (joint decoding's CTC score); None: not spellable here."""
+        if self.phonemes is None:
+            ids = [self.segmenter(self.tokenizer.encode(" " + t, add_special_tokens=False)) for t in texts]
+            return to_classes(ids, self.vocab)
+        out: list[list[int] | None] = []
+        for t in texts:
+            try:
+                idx = [self._phoneme_index.get(p) for p in self.phonemizer([t])[0]] if t.strip() else [None]
+            except ValueError:
+                idx = [None]
+            out.append(None if None in idx else idx)
+        return out
+
     # ------------------------------------------------------------------ the Objective contract
     def loss(self, outs: dict[str, tuple[Tensor, Tensor]], batch: dict, embeddings: Tensor) -> dict[str, Tensor]:
         if self.modality not in outs:
@@ -118,6 +148,9 @@ class CtcObjective(Objective):
     def transform(self, name: str, out: Tensor, lengths: Tensor, embeddings: Tensor) -> tuple[Tensor, Tensor] | None:
         if name != self.modality or not self.compress:
             return None
+        if self.phonemes:
+            return ctc_compress(out, lengths, self.phoneme_table(embeddings), 0, soft=True,
+                                logits=self.logits(out, embeddings), drop_blank=True)
         return ctc_compress(out, lengths, embeddings, self.placeholder_id, vocab=self.vocab,
                             soft=self.compress == "soft", logits=self.logits(out, embeddings))
 

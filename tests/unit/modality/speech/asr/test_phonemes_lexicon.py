@@ -169,3 +169,45 @@ def test_the_most_frequent_of_many_homophones_keeps_its_place(ph):
     assert len(dec.words) == 6 + 1 and "w7" in dec.words and "w6" not in dec.words  # + <unk>; w6: never in the text
     hyps, = dec(emissions(list(pron), classes), torch.tensor([3 * len(pron)]))
     assert hyps[0][0] == "w7" and {h[0] for h in hyps} <= set(dec.words)
+
+
+def test_llm_reads_the_phonemes_and_joint_decoding_scores_texts_by_their_sound(tiny_lm, toy_modality, ph):
+    """modality.ctc_compress=soft on a phoneme chain: the LLM's input is one position per heard phoneme, each the
+    table row of that phoneme (the LLM's own rows for its IPA text); joint decoding scores a candidate text by
+    espeak-ng's phonemes of it under the CTC, so the text that was said beats one that was not."""
+    from modality.speech.asr.decode import ctc_logprobs
+    from tests.unit.helpers import batch_for, build, ctc
+
+    texts = ["the cat sat", "the dog ran", "a cat ran"]
+    classes = phoneme_inventory(ph(texts))
+    model = build(tiny_lm, toy_modality, "align", lm_weight=0.0,
+                  objectives=ctc(tiny_lm, toy_modality, 1.0, phonemes=classes, phonemizer=ph))
+    objective = model.objectives["toy_ctc"]
+    batch = batch_for(model, [_asr(i, t) for i, t in enumerate(texts)])
+    opt = torch.optim.Adam([*model.modalities["toy"].adaptor.parameters(), *objective.parameters()], lr=3e-2)
+    for _ in range(60):
+        loss = model(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    table = model.llm.get_input_embeddings().weight
+    outs = model.adapt_all(batch)
+    out, lengths = outs["toy"]
+    objective.compress = "soft"
+    rows = objective.phoneme_table(table)
+    assert rows.shape == (len(classes), table.shape[1]) and float(rows[0].abs().sum()) == 0.0
+    word = tiny_lm.tokenizer.encode(" |", add_special_tokens=False)
+    assert torch.allclose(rows[classes.index(WORD)], table[word].mean(0))
+    with torch.no_grad():
+        comp, k = objective.transform("toy", out, lengths, table)
+    said = ph(["the cat sat"])[0]
+    assert int(k[0]) == len(said)  # one position per phoneme heard (blanks dropped, repeats merged)
+    cos = torch.nn.functional.cosine_similarity(comp[0, : len(said)], rows[[classes.index(p) for p in said]], dim=-1)
+    assert float(cos.min()) > 0.9
+    targets = objective.text_targets(["the cat sat", "the dog sat", "qqqq zzzz"])
+    assert [classes[i] for i in targets[0]] == said
+    scores = ctc_logprobs(objective.logits(out, table)[0], int(lengths[0]), targets, objective.blank)
+    assert scores[0] > scores[1] and scores[0] > math.log(0.5)
+    with pytest.raises(ValueError, match="ctc_compress=soft"):
+        ctc(tiny_lm, toy_modality, 1.0, phonemes=classes, phonemizer=ph, compress="mean")(1)
