@@ -26,7 +26,7 @@ apt:
 	fi
 
 pip:
-	$(PIP) install -q -e '.[dev,quant]'
+	$(PIP) install -q -e '.[dev,quant,track]'
 	$(PIP) install -q --no-deps -r requirements-assets.txt
 
 data: install

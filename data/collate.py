@@ -142,4 +142,5 @@ class ConversationCollator:
                            "sample_index": torch.tensor(owner, dtype=torch.long)}
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "modal": modal,
                 "ids": [s["id"] for s in samples], "types": [s.get("type", "chat") for s in samples],
-                "references": [e[2] for e in encoded], "skipped": skipped}
+                "references": [e[2] for e in encoded], "skipped": skipped,
+                "clip_labels": [s.get("clip_labels") for s in samples]}

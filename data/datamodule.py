@@ -60,7 +60,12 @@ class ConversationDataModule(L.LightningDataModule):
     def records(self, split: str) -> list[dict]:
         if split not in self._records:
             adapters = [m.read_record for m in self.modalities.values()]
-            recs = [r for f in self.files[split] for r in read_records(f, tuple(self.modalities), self.seed, adapters)]
+            recs = []
+            for f in self.files[split]:
+                got = read_records(f, tuple(self.modalities), self.seed, adapters)
+                if not got and split in ("train", "eval"):  # an empty file used to evaluate to eval_samples: 0, exit 0
+                    raise ValueError(f"{f}: no records (an empty {split} file)")
+                recs += got
             limit = self.limits[split]
             if limit is not None and len(recs) > limit:
                 rng = random.Random(self.seed)

@@ -77,7 +77,7 @@ class ConversationDataset(Dataset):
                 messages = [{"role": "system", "content": self.system_prompt}] + messages
             return {"id": rec["id"], "where": rec.get("where", rec["id"]), "messages": messages,
                     "inputs": inputs, "kinds": kinds, "readings": readings, "type": rec.get("type", "chat"),
-                    "reference": rec.get("reference")}
+                    "reference": rec.get("reference"), "clip_labels": rec.get("clip_labels")}
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             if not self.skip_bad:
                 raise

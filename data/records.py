@@ -13,7 +13,7 @@ from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from data.jsonl import iter_jsonl
+from data.jsonl import check_utf8, iter_jsonl
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "system": "system"}
@@ -48,6 +48,7 @@ def read_records(path: str | Path, modalities: tuple[str, ...] = (), seed: int =
         try:
             data = json.loads(path.read_bytes().decode("utf-8"))
         except UnicodeDecodeError as e:
+            check_utf8(path)  # raises naming the line and byte
             raise ValueError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None

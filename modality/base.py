@@ -38,9 +38,11 @@ class Objective(nn.Module):
         """Named losses from each modality's adaptor output (out [n, N, D], lengths [n])."""
         return {}
 
-    def transform(self, name: str, out: Tensor, lengths: Tensor, embeddings: Tensor) -> tuple[Tensor, Tensor] | None:
+    def transform(self, name: str, out: Tensor, lengths: Tensor, embeddings: Tensor,
+                  source: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor] | None:
         """Optionally rewrite a modality's adaptor output before the LLM reads it: (out [n, N, D] with each clip's
-        k kept positions first, k [n]); the core hides the N - k slots left over. None: unchanged."""
+        k kept positions first, k [n]); the core hides the N - k slots left over. None: unchanged. Objectives
+        transform in turn: ``out``/``lengths`` are what the previous one left, ``source`` the adaptor's own output."""
         return None
 
     def validation_batch(self, outs: dict[str, tuple[Tensor, Tensor]], batch: dict, embeddings: Tensor) -> None:

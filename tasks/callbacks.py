@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+
+from data.jsonl import dumps
 
 
 def batch_size(batch: Any) -> int:
@@ -50,8 +53,8 @@ class RunStats(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            self.losses.append(float(loss.detach()))
+        if loss is not None and math.isfinite(v := float(loss.detach())):  # a skipped non-finite step: NonFiniteGuard
+            self.losses.append(v)
         self.samples += batch_size(batch)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -123,7 +126,7 @@ class PeriodicEval(L.Callback):
         self.curve.append(point)
         if self.path is not None:
             with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(point, default=str) + "\n")
+                f.write(dumps(point) + "\n")
         for k, v in metrics.items():
             if isinstance(v, (int, float)):
                 pl_module.log(f"curve/{k}", float(v), rank_zero_only=True)
@@ -158,3 +161,88 @@ class StopFile(L.Callback):
         if self.stopped_at is None and (m := self._mtime()) is not None and m != self.stale:
             self.stopped_at = trainer.global_step
             trainer.should_stop = True
+
+
+class NonFiniteError(ValueError):
+    """Training diverged (a NaN/inf loss, gradient or weight); a ValueError so train.py prints it as one line."""
+
+
+class NonFiniteGuard(L.Callback):
+    """Stops training at the first optimizer step whose loss or gradients are not finite, before the update is
+    applied, so no checkpoint of a diverged state is ever written; ``policy="skip"`` drops that update instead
+    (every step skipped is listed in ``skipped``, which the runner writes to metrics.json).
+
+    Why: a NaN spreads through every weight in one step, and the run used to carry on to exit 0 with an
+    all-NaN last.ckpt that a later ``init_from`` loaded. The decision is reduced over ranks (one NaN loss
+    makes every rank's all-reduced gradients NaN anyway), so all ranks stop or skip together. Under fp16
+    with a GradScaler an inf gradient is the scaler's business (it skips that step and lowers the scale):
+    only the loss is checked there. ``on_save_checkpoint`` refuses to write non-finite weights and
+    ``on_load_checkpoint`` to resume from them, whatever put them there.
+    """
+
+    def __init__(self, policy: str = "error"):
+        if policy not in ("error", "skip"):
+            raise ValueError(f"on_nonfinite={policy}: must be error or skip")
+        self.policy = policy
+        self.skipped: list[int] = []  # the steps (1-based optimizer steps) whose update was dropped
+        self._bad_loss: float | None = None  # a non-finite loss seen since the last optimizer step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": list(self.skipped)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped = list(state.get("skipped", []))
+
+    def metrics(self) -> dict[str, Any]:
+        """For metrics.json: how many updates were dropped, and at which steps (the first 100)."""
+        return {"nonfinite_skipped": len(self.skipped), **({"nonfinite_steps": self.skipped[:100]} if self.skipped else {})}
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        if self._bad_loss is None and not bool(torch.isfinite(loss.detach()).all()):
+            self._bad_loss = float(loss.detach().float().reshape(-1)[0])
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        step, bad_loss, self._bad_loss = trainer.global_step + 1, self._bad_loss, None
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        grads_ok = scaler is not None or _all_finite([p.grad for p in params])
+        if trainer.strategy.reduce_boolean_decision(bad_loss is None and grads_ok, all=True):
+            return
+        if self.policy == "skip":
+            for p in params:  # torch optimizers leave a parameter without a gradient untouched (moments included)
+                p.grad = None
+            self.skipped.append(step)
+            return
+        if bad_loss is not None:
+            what = f"loss is {bad_loss}"
+        elif not grads_ok:
+            names = {id(p): n for n, p in pl_module.named_parameters()}
+            first = next(p for p in params if not _all_finite([p.grad]))
+            what = f"gradient of {names.get(id(first), '?')} is not finite"
+        else:
+            what = "another rank's loss or gradients are not finite"
+        raise NonFiniteError(f"step {step}: {what}; training stopped before this update, so no checkpoint holds it "
+                             f"(lower stage.optim.lr, or on_nonfinite=skip drops such steps)")
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        _refuse_nonfinite(checkpoint.get("state_dict", {}), f"step {trainer.global_step}: not saving a checkpoint")
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        _refuse_nonfinite(checkpoint.get("state_dict", {}), "resume: that checkpoint cannot be resumed")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # a sharded (FSDP2) DTensor: this rank's shard
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """One device sync for any number of tensors."""
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(_local(t)).all() for t in tensors]).all())
+
+
+def _refuse_nonfinite(state: dict[str, Any], what: str) -> None:
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not _all_finite([v]):
+            raise NonFiniteError(f"{what}: weight {k} holds non-finite values (nan/inf)")

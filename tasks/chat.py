@@ -155,7 +155,7 @@ def answer_file(model: Any, dm: Any, records: str, output: str, max_new_tokens: 
 
     dm.files["eval"] = [records]
     dm._records.pop("eval", None)
-    return run_generation(model, dm.eval_dataloader(), max_new_tokens, Path(output), desc="chat")
+    return run_generation(model, dm.eval_dataloader(), max_new_tokens, Path(output), desc="chat", unanswered_ok=True)
 
 
 def main(argv: list[str]) -> None:

@@ -8,6 +8,7 @@ encoder a standalone stage pretrained, the adaptor (align) and its own LoRA, eac
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,38 @@ META_KEY = "mmlm"
 PACKED_WEIGHTS, PACKED_META = "model.safetensors", "mmlm.json"  # a packed model folder (tasks.pack)
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def local_path(key: str, path: str | Path) -> Path:
+    """``path`` as a local Path; a URL (http://, s3://, gs://, hf:// ...) is refused naming ``key``. Why: a
+    checkpoint's ``parent`` chain and the packed folders are local files, and Lightning would otherwise fetch a
+    ``resume`` URL through fsspec while ``init_from`` reports it as a missing file."""
+    if _URL.match(str(path)):
+        raise ValueError(f"{key}={path}: must be a local path, not a URL (download it first)")
+    return Path(path)
+
+
+def resume_path(path: str | Path) -> Path:
+    """``resume=``: an existing local .ckpt file (Lightning's own error for a typo came as a traceback, late)."""
+    p = local_path("resume", path)
+    if not p.is_file():
+        hint = " (a directory: give its checkpoints/last.ckpt)" if p.is_dir() else ""
+        raise ValueError(f"resume={path}: no such checkpoint file{hint}")
+    return p
+
+
+def check_finite(state: dict[str, Any], where: str | Path) -> None:
+    """Refuse a state dict holding NaN/inf weights: a diverged run must not seed (or be resumed as) another."""
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{where}: weight {k} holds non-finite values (nan/inf); a diverged checkpoint cannot "
+                             f"be loaded (start from an earlier checkpoint or retrain with a lower lr)")
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory (-> checkpoints/last.ckpt), a packed model folder (tasks.pack) or a .ckpt file."""
-    p = Path(path)
+    p = local_path("init_from", path)
     if p.is_dir() and (p / PACKED_META).is_file():
         return p.resolve()
     if p.is_dir():
@@ -69,6 +99,7 @@ def read_chain(path: str | Path) -> list[tuple[Path, dict]]:
     p: Path | None = resolve_checkpoint(path)
     while p is not None:
         ckpt = read_checkpoint(p)
+        check_finite(ckpt["state_dict"], p)
         chain.append((p, ckpt))
         parent = ckpt[META_KEY].get("parent")
         if parent and not Path(parent).exists():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -10,6 +9,9 @@ from typing import Iterable
 
 import torch
 from tqdm.auto import tqdm
+
+from data.jsonl import write_jsonl
+from data.records import ROLES
 
 WER_TYPES = {"asr", "transcribe", "repeat"}
 _NUM_WORDS = {w: str(i) for i, w in enumerate(
@@ -86,10 +88,44 @@ def interval_covers(reference: str, prediction: str) -> bool:
     return band is not None and band[0] <= float(reference) <= band[1]
 
 
-def score(types: list[str], refs: list[str], preds: list[str]) -> dict[str, float]:
-    """WER over transcript-type samples; accuracy per other question type and overall."""
+def unscorable(sample: str, type_: str, reference: str | None) -> str | None:
+    """Why a sample cannot be scored (a one-line error naming it), or None.
+
+    Refused, not skipped: a conversation with no answer turn (nor a ``reference``) has nothing to compare with,
+    and a transcript-type sample (WER_TYPES) whose reference has no words would count every predicted word as an
+    error against zero reference words (one such sample scored WER 15.0). Skipping would quietly score a
+    different set than the file names; the error names the sample so it can be fixed or removed."""
+    if reference is None:
+        return f"{sample}: no answer turn to score (the conversation must end with an assistant turn, or carry a 'reference')"
+    if type_ in WER_TYPES and not normalize(reference):
+        return f"{sample}: empty reference transcript (type {type_}): WER needs reference words; fix or remove the sample"
+    return None
+
+
+def check_scorable(records: list[dict]) -> None:
+    """Refuse (ValueError) the first evaluation record ``unscorable`` refuses, before any generation (a bad sample
+    used to surface, if at all, after the whole set was generated). The reference is read as the collator reads it:
+    ``reference``, else the last turn when it is the assistant's; a ``fill`` template's words are known only once
+    filled, so run_generation checks those."""
+    for rec in records:
+        last, ref = rec["conversations"][-1], rec.get("reference")
+        if ref is None and ROLES[last["from"]] == "assistant":
+            ref = last["value"]
+        if ref is not None and rec.get("fill"):
+            continue
+        where = rec.get("where", rec.get("id"))
+        sample = where if rec.get("id") in (None, where) else f"{where} (id {rec['id']})"
+        if (why := unscorable(str(sample), rec.get("type", "chat"), ref)) is not None:
+            raise ValueError(why)
+
+
+def score(types: list[str], refs: list[str], preds: list[str], ids: list[str] | None = None) -> dict[str, float]:
+    """WER over transcript-type samples; accuracy per other question type and overall. A sample ``unscorable``
+    refuses raises ValueError naming it (``ids``, else its index)."""
     by_type: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for t, r, p in zip(types, refs, preds):
+    for i, (t, r, p) in enumerate(zip(types, refs, preds)):
+        if (why := unscorable(ids[i] if ids else f"sample {i}", t, r)) is not None:
+            raise ValueError(why)
         by_type[t].append((r, p))
     out: dict[str, float] = {}
     wer_pairs = [rp for t in WER_TYPES for rp in by_type.get(t, [])]
@@ -116,28 +152,36 @@ def score(types: list[str], refs: list[str], preds: list[str]) -> dict[str, floa
 
 @torch.no_grad()
 def run_generation(model, loader, max_new_tokens: int, predictions_path: Path | None = None,
-                   desc: str = "evaluate", num_beams: int = 1, progress: bool = True) -> dict[str, float]:
+                   desc: str = "evaluate", num_beams: int = 1, progress: bool = True,
+                   unanswered_ok: bool = False) -> dict[str, float]:
     """Generate for every batch of ``loader`` (collator in generate mode); score and save predictions.
 
     A model with a ``decoder`` (modality.base.Decoder, from its plugin) writes its answers that way, with the
     extra prediction-row fields and metrics the decoder adds; otherwise the LLM decodes greedily (or with
     ``num_beams`` beams). Under FSDP2 (llm.sharding.gathered) every rank runs it over the same loader, in step;
-    give ``predictions_path`` and ``progress`` on rank 0 only."""
+    give ``predictions_path`` and ``progress`` on rank 0 only. A sample ``unscorable`` refuses is an error before
+    its batch is generated; with ``unanswered_ok`` (chat.py answering a file of questions) a sample with no answer
+    turn is answered and left out of the scores instead (``unscored``)."""
     from llm.sharding import gathered
 
     with gathered(model):
-        return _run_generation(model, loader, max_new_tokens, predictions_path, desc, num_beams, progress)
+        return _run_generation(model, loader, max_new_tokens, predictions_path, desc, num_beams, progress,
+                               unanswered_ok)
 
 
-def _run_generation(model, loader, max_new_tokens, predictions_path, desc, num_beams, progress) -> dict[str, float]:
+def _run_generation(model, loader, max_new_tokens, predictions_path, desc, num_beams, progress,
+                    unanswered_ok) -> dict[str, float]:
     was_training = model.training
     model.eval()
     decoder = model.decoder
-    types, refs, preds, rows, skipped = [], [], [], [], []
+    types, refs, preds, rows, skipped, ids = [], [], [], [], [], []
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
         skipped += batch["skipped"]
         if batch["input_ids"].shape[0] == 0:
             continue
+        for sample, t, r in zip(batch["ids"], batch["types"], batch["references"]):  # refused before generating
+            if (why := unscorable(str(sample), t, r)) is not None and not (unanswered_ok and r is None):
+                raise ValueError(why)
         batch = _to_device(batch, model.device)
         if decoder is not None:
             outs, extras = decoder.decode(model, batch, max_new_tokens)
@@ -145,25 +189,26 @@ def _run_generation(model, loader, max_new_tokens, predictions_path, desc, num_b
             outs = model.generate(batch, max_new_tokens=max_new_tokens, num_beams=num_beams)
             extras = [{}] * len(outs)
         for i, (t, r, p, extra) in enumerate(zip(batch["types"], batch["references"], outs, extras)):
-            types.append(t)
-            refs.append(r or "")
-            preds.append(p)
+            if r is not None:  # scored (None: an unanswered question, unanswered_ok)
+                types.append(t)
+                ids.append(str(batch["ids"][i]))
+                refs.append(r)
+                preds.append(p)
             trimmed = trim_repeats(p)
             rows.append({"id": batch["ids"][i], "type": t, "reference": r, "prediction": trimmed,
                          **({"raw_prediction": p} if trimmed != p else {}), **extra})
     model.train(was_training)
-    metrics = score(types, refs, [trim_repeats(p) for p in preds])
+    metrics = score(types, refs, [trim_repeats(p) for p in preds], ids)
     if "wer" in metrics:
-        metrics["wer_raw"] = score(types, refs, preds)["wer"]
+        metrics["wer_raw"] = score(types, refs, preds, ids)["wer"]
     if decoder is not None:
         metrics.update(decoder.metrics(rows))
     metrics["trimmed_loops"] = sum("raw_prediction" in r for r in rows)
+    if unanswered_ok:
+        metrics["unscored"] = len(rows) - len(refs)
     metrics["eval_skipped"] = len(skipped)
-    if predictions_path is not None:
-        predictions_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(predictions_path, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    if predictions_path is not None:  # strict JSON lines, written atomically (data.jsonl)
+        write_jsonl(predictions_path, rows)
     return metrics
 
 

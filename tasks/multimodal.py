@@ -103,14 +103,16 @@ class MultimodalLM(L.LightningModule):
         outs = self.adapt_all(batch)
         for name, (out, lengths) in outs.items():
             slots = input_ids == self.placeholder_ids[name]
-            for objective in self.objectives.values():
-                if (changed := objective.transform(name, out, lengths, table)) is not None:
+            kept = lengths
+            for objective in self.objectives.values():  # in turn: each reads what the previous one left
+                if (changed := objective.transform(name, out, kept, table, source=(outs[name][0], lengths))) is not None:
                     out, kept = changed
-                    filler = valid_rows(torch.arange(out.shape[1], device=out.device).expand(out.shape[0], -1)
-                                        >= kept[:, None], lengths)  # [sum(lengths)] True on the slots left empty
-                    holes = torch.zeros_like(slots)
-                    holes[slots] = filler
-                    attention_mask = attention_mask * ~holes
+            if kept is not lengths:
+                filler = valid_rows(torch.arange(out.shape[1], device=out.device).expand(out.shape[0], -1)
+                                    >= kept[:, None], lengths)  # [sum(lengths)] True on the slots left empty
+                holes = torch.zeros_like(slots)
+                holes[slots] = filler
+                attention_mask = attention_mask * ~holes
             embeds = merge_embeddings(embeds, slots, valid_rows(out, lengths))
         return embeds, outs, attention_mask
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from data.jsonl import write_json
 from tasks.checkpoint import META_KEY, PACKED_META, PACKED_WEIGHTS, read_chain
 
 CARD_KEYS = ("steps", "train_seconds", "seconds_per_step", "first_loss_avg", "last_loss_avg", "trainable_params")
@@ -122,9 +123,8 @@ def pack(run: str | Path, out: str | Path, evals: dict[str, str | Path] | None =
     (out / PACKED_META).write_text(json.dumps(meta, indent=1, default=str))
     stages = [{"stage": c[META_KEY]["stage"], **_run_metrics(p)} for p, c in reversed(chain)]
     ev = {label: json.loads((Path(d) / "metrics.json").read_text()) for label, d in (evals or {}).items()}
-    (out / "metrics.json").write_text(json.dumps({"stages": [{k: s.get(k) for k in ("stage",) + CARD_KEYS}
-                                                             for s in stages], "evaluations": ev,
-                                                  "size_mb": round(size, 3)}, indent=1, default=str))
+    write_json(out / "metrics.json", {"stages": [{k: s.get(k) for k in ("stage",) + CARD_KEYS} for s in stages],
+                                      "evaluations": ev, "size_mb": round(size, 3)}, indent=1)  # strict, atomic
     (out / "README.md").write_text(card(name or out.name, meta, stages, ev, size, notes))
     return out
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
+
+from data.jsonl import iter_jsonl
 
 KEYS = ("steps", "first_loss_avg", "last_loss_avg", "seconds_per_step", "samples_per_second",
         "trainable_params", "total_params", "checkpoint_mb", "llm_mb", "skipped_samples")
@@ -19,7 +22,7 @@ def summarise(run: Path, examples: int = 5) -> str:
             lines.append(f"  {k:>20}: {m[k]}")
     preds = run / "predictions.jsonl"
     if preds.exists():
-        rows = [json.loads(x) for x in preds.read_text().splitlines()[:examples]]
+        rows = [r for _, r in itertools.islice(iter_jsonl(preds), examples)]  # a bad line: named, file and line
         lines.append("  held-out examples:")
         for r in rows:
             lines.append(f"    [{r['type']}] ref: {r['reference']!r}\n{'':14}got: {r['prediction']!r}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,15 @@ from omegaconf import DictConfig as Config
 from omegaconf import OmegaConf
 from hydra.core.hydra_config import HydraConfig
 
+from data.jsonl import dumps, write_json
 from llm.lora import LoraSpec
 from llm.tokens import add_placeholder_tokens
-from tasks.callbacks import PeriodicEval, RunStats, StopFile
-from tasks.checkpoint import META_KEY, TrainableOnlyCheckpoint, load_chain, read_chain
-from tasks.evaluate import run_generation
+from tasks.callbacks import NonFiniteGuard, PeriodicEval, RunStats, StopFile
+from tasks.checkpoint import META_KEY, TrainableOnlyCheckpoint, load_chain, local_path, read_chain, resume_path
+from tasks.evaluate import check_scorable, run_generation
 from tasks.multimodal import MultimodalLM, OptimSpec
 from tasks.stages import StagePolicy
+from tasks.tracking import RunTracking, loggers_for, tracking_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,10 @@ def build_trainer(cfg: Config, out: Path, callbacks: list[L.Callback]) -> L.Trai
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step}", save_last=True,
                            save_top_k=0, every_n_train_steps=cfg.get("checkpoint_every") or None,
                            enable_version_counter=False)
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    return instantiate(cfg.trainer, callbacks=[ckpt, RichProgressBar(leave=True), *callbacks],
-                       logger=logger, default_root_dir=str(out))
+    loggers = loggers_for(cfg)  # logger=csv|tensorboard|wandb|all|[a,b] (tasks.tracking)
+    return instantiate(cfg.trainer, callbacks=[ckpt, RichProgressBar(leave=True), *callbacks,
+                                               *tracking_callbacks(cfg, loggers)],
+                       logger=loggers or False, default_root_dir=str(out))
 
 
 RUNTIME_MODALITY_KEYS = ("d_llm", "target_rms")  # filled from the LLM at run time, never inherited
@@ -224,7 +226,18 @@ def build_trained(init_from: str, overrides: list[str]) -> Built:
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    """Run one stage as configured; returns (and writes to <output_dir>/metrics.json) its metrics."""
+    """Run one stage as configured; returns (and writes to <output_dir>/metrics.json) its metrics. Every
+    configured logger also gets the config, git commit, parameter counts and final metrics (tasks.tracking)."""
+    with RunTracking(cfg) as tracking:
+        return tracking.finish(_run(cfg))
+
+
+def _run(cfg: Config) -> dict[str, Any]:
+    if cfg.get("init_from"):  # a URL, a missing resume file, a bad on_nonfinite: refused before any work
+        local_path("init_from", cfg.init_from)
+    if cfg.get("resume"):
+        resume_path(cfg.resume)
+    guard = NonFiniteGuard(cfg.get("on_nonfinite") or "error")
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
@@ -236,7 +249,7 @@ def run(cfg: Config) -> dict[str, Any]:
                          f"<stage>.yaml, or a data: node in the modality's own config file)")
     batch_size = _check_scale(cfg)
     if policy.standalone:
-        return _run_standalone(cfg, out, policy, batch_size)
+        return _run_standalone(cfg, out, policy, batch_size, guard)
 
     b = build(cfg, policy, batch_size)
     policy, lm, modality, modalities, metas, chain = b.policy, b.lm, b.modality, b.modalities, b.metas, b.chain
@@ -250,6 +263,8 @@ def run(cfg: Config) -> dict[str, Any]:
     metrics.update({k: len(v) for k, v in objective_meta.items() if isinstance(v, list)})  # e.g. class counts
     ev = cfg.get("eval", {})
     eval_loader = dm.eval_dataloader()
+    if eval_loader is not None:  # every sample scorable, checked before training and generating (tasks.evaluate)
+        check_scorable(dm.records("eval"))
     train_files = next((m["train_files"] for m in metas if m.get("train_files")), None) or _train_files(cfg)
     if eval_loader is not None:
         model.decoder = modality.decoder(dict(ev), list(objectives.values()), metas, train_files)
@@ -283,7 +298,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "modality_cfg": {k: v for k, v in OmegaConf.to_container(modality_cfg, resolve=True).items()
                              if k not in RUNTIME_MODALITY_KEYS}}
     stop = StopFile(out / "STOP")
-    trainer = build_trainer(cfg, out, [stats, TrainableOnlyCheckpoint(meta), stop, *extra])
+    trainer = build_trainer(cfg, out, [stats, TrainableOnlyCheckpoint(meta), stop, guard, *extra])
     trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("resume"))
     metrics.update(stats.summary(trainer, model))
     if stop.stopped_at is not None:  # by <output_dir>/STOP: last.ckpt must hold the step it stopped at
@@ -292,6 +307,7 @@ def run(cfg: Config) -> dict[str, Any]:
     for cb in extra:
         metrics["curve"] = cb.curve
         metrics["periodic_eval_seconds"] = round(cb.eval_seconds, 2)  # not in train_seconds / seconds_per_step
+    metrics.update(guard.metrics())
     metrics["skipped_samples"] = len(model.skipped)
     if model.skipped:
         metrics["skipped"] = model.skipped[:100]
@@ -307,7 +323,8 @@ def run(cfg: Config) -> dict[str, Any]:
     return _write_metrics(out, metrics) if zero else metrics
 
 
-def _run_standalone(cfg: Config, out: Path, policy: StagePolicy, batch_size: int) -> dict[str, Any]:
+def _run_standalone(cfg: Config, out: Path, policy: StagePolicy, batch_size: int,
+                    guard: NonFiniteGuard) -> dict[str, Any]:
     """A standalone stage (conf/stage with standalone: true): the modality trains its encoder alone, with its own
     Lightning hooks, on ``cfg.data``; then the plugin's held-out report."""
     from llm.sharding import full_state_dict, is_sharded
@@ -329,10 +346,11 @@ def _run_standalone(cfg: Config, out: Path, policy: StagePolicy, batch_size: int
     meta = {"stage": policy.name, "llm": None, "modalities": [modality.name],
             "parent": str(chain[0]) if chain else None, "lora": None}
     stats = RunStats()
-    trainer = build_trainer(cfg, out, [stats, TrainableOnlyCheckpoint(meta)])
+    trainer = build_trainer(cfg, out, [stats, TrainableOnlyCheckpoint(meta), guard])
     trainer.fit(modality, datamodule=dm, ckpt_path=cfg.get("resume"))
     metrics: dict[str, Any] = {"stage": policy.name, "modality": modality.name, "llm": None,
-                               "init_from": [str(p) for p in chain], **stats.summary(trainer, modality)}
+                               "init_from": [str(p) for p in chain], **stats.summary(trainer, modality),
+                               **guard.metrics()}
     last = out / "checkpoints" / "last.ckpt"
     if last.exists():
         metrics["checkpoint_mb"] = round(last.stat().st_size / 2**20, 3)
@@ -369,7 +387,8 @@ def _train_files(cfg: Config) -> list[str]:
 
 
 def _write_metrics(out: Path, metrics: dict[str, Any]) -> dict[str, Any]:
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    """Strict JSON (NaN -> null), written atomically (data.jsonl.write_json)."""
+    write_json(out / "metrics.json", metrics)
     shown = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
-    print("metrics:", json.dumps(shown, default=str))
+    print("metrics:", dumps(shown))
     return metrics

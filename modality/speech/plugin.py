@@ -30,6 +30,7 @@ from modality.base import Modality
 from modality.speech.adaptor import SpeechAdaptor, encoder_states
 from modality.speech.records import manifest_record
 from modality.speech.shapes import TINY_ENCODER
+from modality.speech.tone import pooled
 
 SAMPLE_RATE, N_FFT, HOP = 16000, 400, 160  # Whisper's front end: 25 ms window, 10 ms hop
 PACKAGED = "packaged:whisper-tiny.en"
@@ -164,6 +165,8 @@ class SpeechModality(Modality):
         self.adaptor = SpeechAdaptor(self.hidden_size, self.d_llm, self.hp.stack, self.hp.hidden, self.hp.adaptor,
                                      self.hp.target_rms, self.hp.layers, self.hp.heads, n_states=len(self.states))
         self._fingerprint: str | None = None
+        self.pooled_width = 2 * self.hidden_size * len(self.states)  # the tone heads' input: mean + std of the states
+        self.pooled: Tensor | None = None
         _ = self.fingerprint  # now, while the encoder is on the CPU (DataLoader workers may not touch CUDA)
         self.set_trainable(encoder=False, adaptor=True)
 
@@ -233,6 +236,7 @@ class SpeechModality(Modality):
         t = hidden.shape[1]
         valid = torch.arange(t, device=w.device)[None, :] < lengths[:, None]
         x = hidden.to(w) * valid[..., None].to(w)  # padded rows must not leak into a block or conv window
+        self.pooled = pooled(x.detach().float(), lengths)  # [B, 2*K*H]: how the voice sounds (modality.speech.tone)
         if self.time_mask > 0 and self.adaptor.training:
             x = x * ~self._time_spans(lengths, t)[..., None]
         pad = -t % self.hp.stack
@@ -337,9 +341,11 @@ class SpeechModality(Modality):
 
     def objectives(self, settings, inherited, train_records, tokenizer, placeholder_id, trainable) -> list:
         from modality.speech.asr.objective import build_ctc_objective
+        from modality.speech.tone import build_tone_objective
 
         ctc = build_ctc_objective(self, settings, inherited, train_records, tokenizer, placeholder_id, trainable)
-        return [] if ctc is None else [ctc]
+        tone = build_tone_objective(self, settings, inherited, train_records, tokenizer)
+        return [o for o in (ctc, tone) if o is not None]  # in this order: tone positions follow the phonemes
 
     def decoder(self, settings, objectives, inherited, train_files) -> Any:
         from modality.speech.asr.decoder import build_speech_decoder

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+from modality.speech.tone import TONE_LABELS
+
 ASR_PROMPTS = (
     "Transcribe the audio.",
     "What does the speaker say?",
@@ -23,6 +25,9 @@ def asr_record(line: dict, where: str, prompt: str, key: str = "speech", placeho
                 "reference": line["text"],
                 "conversations": [{"from": "human", "value": f"{placeholder}\n{prompt}"},
                                   {"from": "gpt", "value": line["text"]}]})
+    labels = {k: line[k] for k in TONE_LABELS if line.get(k) is not None}
+    if labels:  # how the clip sounds, for the tone heads (modality.speech.tone)
+        rec["clip_labels"] = [labels]
     return rec
 
 

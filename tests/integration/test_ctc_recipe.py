@@ -137,3 +137,46 @@ def test_phoneme_chain_then_the_llm_reads_the_phonemes_and_writes_the_words(spee
         assert {c["source"] for c in r["candidates"]} == {"llm"}  # only the LLM's beams are candidates
         assert r.get("raw_prediction", r["prediction"]) in [c["text"] for c in r["candidates"]]
         assert "lexicon" in r and "phoneme_readout" in r
+
+
+@pytest.mark.slow
+def test_tone_heads_train_alone_and_the_next_stage_reads_phonemes_then_tone(speech_corpus, tmp_path):
+    """speech_align_phonemes -> speech_tone (only the heads train, on the manifest's voice labels; no LLM) ->
+    instruct, whose LLM reads the soft phonemes and then one position per label."""
+    common = TINY + SHRINK + _data(speech_corpus, tmp_path) + ["eval.max_new_tokens=3", "trainer.log_every_n_steps=1"]
+    run(cfg_for(common + ["experiment=speech_align_phonemes", "trainer.max_steps=2", "data.eval_files=null",
+                          f"paths.output_dir={tmp_path}/p1"]))
+    tone = run(cfg_for(common + ["experiment=speech_tone", "trainer.max_steps=3", f"init_from={tmp_path}/p1",
+                                 f"data.val_files={speech_corpus}/eval.jsonl", f"paths.output_dir={tmp_path}/tone"]))
+    assert tone["steps"] == 3
+    saved = torch.load(tmp_path / "tone" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["state_dict"] and all(k.startswith("objectives.speech_tone.heads.") for k in saved["state_dict"])
+    classes = saved["mmlm"]["tone_classes"]
+    assert classes["gender"] == ["female", "male"] and len(classes["speed_class"]) == 3
+    header = (tmp_path / "tone" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "train/tone_speech" in header and "val/tone_gender" in header
+    c = speech_corpus
+    ins = run(cfg_for(TINY + ["stage=instruct", "trainer.max_steps=1", "eval.before=false", f"init_from={tmp_path}/tone",
+                              f"paths.output_dir={tmp_path}/ins", f"data.train_files={c}/instruct_train.json",
+                              f"data.eval_files={c}/instruct_eval.json", "data.max_eval_samples=2", "eval.max_new_tokens=3"]))
+    assert ins["steps"] == 1
+    # what the LLM reads for one clip: its phonemes, then 4 tone positions (the chain's soft compression + the heads)
+    from tasks.runner import build_trained
+    from tests.unit.helpers import batch_for
+
+    model = build_trained(str(tmp_path / "ins"), TINY).model.eval()
+    recs = [json.loads(line) for line in (c / "eval.jsonl").open()][:1]
+    from modality.speech.records import manifest_record
+    import random
+
+    rec = manifest_record(recs[0], "eval.jsonl:1", random.Random(0), "speech", "<speech>")
+    rec["root"] = str(c)
+    batch = batch_for(model, [rec], generate=True)
+    with torch.no_grad():
+        embeds, outs, mask = model.embed(batch)
+        out, lengths = outs["speech"]
+        ctc = model.objectives["speech_ctc"]
+        _, k = ctc.transform("speech", out, lengths, model.llm.get_input_embeddings().weight)
+    slots = int((batch["input_ids"] == model.placeholder_ids["speech"]).sum())
+    attended = int(mask[batch["input_ids"] == model.placeholder_ids["speech"]].sum())
+    assert attended == min(int(k[0]) + 4, slots) and "speech_tone" in model.objectives

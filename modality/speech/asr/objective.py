@@ -145,7 +145,8 @@ class CtcObjective(Objective):
                          batch["modal"][self.modality]["sample_index"].to(out.device), self.targets(batch), self.blank)
         return {} if value is None else {f"ctc_{self.modality}": value}
 
-    def transform(self, name: str, out: Tensor, lengths: Tensor, embeddings: Tensor) -> tuple[Tensor, Tensor] | None:
+    def transform(self, name: str, out: Tensor, lengths: Tensor, embeddings: Tensor,
+                  source: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor] | None:
         if name != self.modality or not self.compress:
             return None
         if self.phonemes:

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data.jsonl import check_utf8
+
 OHLCV = ("Open", "High", "Low", "Close", "Volume")
 PRICES = ("Open", "High", "Low", "Close")
 ADJ = "Adj Close"
@@ -134,6 +136,8 @@ def read_csv(
     try:
         raw = pd.read_csv(path, dtype=str, skipinitialspace=True)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        if isinstance(e, UnicodeDecodeError):
+            check_utf8(path)  # raises naming the line and byte (pandas names neither)
         raise _fail(source, None, f"cannot read CSV ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     raw.columns = [str(c).strip() for c in raw.columns]
     lower = {c.lower(): c for c in raw.columns}
