@@ -15,7 +15,7 @@ STOCK_TRAIN_TICKERS = [AAPL_2000,AAPL_2013,AMZN_2013,GOOG_2004,GOOG_2013,IBM_200
 STOCK_DATA = data_cache/stock/v3_c256_h20
 STOCK_INSTRUCT_STEPS ?= 150
 
-.PHONY: install apt pip data stock-model data-long data-wordnet data-wordnet-defs align-long align-phonemes demo test test-fast bench clean
+.PHONY: install apt pip data stock-model speech-model data-long data-wordnet data-wordnet-defs align-long align-phonemes demo test test-fast bench clean
 
 install: apt pip
 
@@ -103,6 +103,49 @@ $(STOCK_OUT)/eval_heldout/metrics.json: $(STOCK_OUT)/instruct/metrics.json
 $(STOCK_MODEL)/README.md: $(STOCK_OUT)/eval_test/metrics.json $(STOCK_OUT)/eval_heldout/metrics.json
 	$(PY) -m tasks.pack $(STOCK_OUT)/instruct $(STOCK_MODEL) --name stock-smollm2-135m --notes @$(STOCK_MODEL)/NOTES.md \
 	  --eval held-out-period=$(STOCK_OUT)/eval_test --eval held-out-tickers=$(STOCK_OUT)/eval_heldout
+
+# the shipped speech model (models/speech-smollm2-135m): phonemes (the adaptor hears sounds, CTC) -> read (LoRA: the
+# LLM writes the words from soft phonemes) -> tone (heads for gender/pitch/speed/accent on the Whisper states) ->
+# instruct (spoken conversations) -> held-out evaluations -> pack. Each stage is a file target; a killed stage
+# continues with `python train.py ... resume=$(SPEECH_OUT)/<stage>/checkpoints/last.ckpt`. ~2 h on a 2-core CPU.
+SPEECH_OUT ?= outputs/speech_model
+SPEECH_MODEL ?= models/speech-smollm2-135m
+SPEECH_LONG = data_cache/speech_long
+SPEECH_INSTRUCT_STEPS ?= 250
+speech-model: $(SPEECH_MODEL)/README.md
+
+$(SPEECH_LONG)/train.jsonl:
+	$(MAKE) data-long
+
+data_cache/speech/instruct_train.json:
+	$(PY) -m modality.speech.corpus.build --out data_cache/speech --n-align 1200 --n-instruct 2000 --n-instruct-eval 400 --jobs 2
+
+$(SPEECH_OUT)/phonemes/metrics.json: $(SPEECH_LONG)/train.jsonl
+	$(PY) train.py experiment=speech_align_phonemes 'data.train_files=[$${paths.data_dir}/speech_long/train.jsonl]' \
+	  data.eval_files=null trainer.max_steps=900 checkpoint_every=300 paths.output_dir=$(SPEECH_OUT)/phonemes
+
+$(SPEECH_OUT)/read/metrics.json: $(SPEECH_OUT)/phonemes/metrics.json
+	$(PY) train.py experiment=speech_read_phonemes init_from=$(SPEECH_OUT)/phonemes modality.time_mask=0.1 \
+	  trainer.max_steps=500 eval.every_n_steps=125 checkpoint_every=125 paths.output_dir=$(SPEECH_OUT)/read
+
+$(SPEECH_OUT)/tone/metrics.json: $(SPEECH_OUT)/read/metrics.json
+	$(PY) train.py experiment=speech_tone init_from=$(SPEECH_OUT)/read paths.output_dir=$(SPEECH_OUT)/tone
+
+$(SPEECH_OUT)/instruct/metrics.json: $(SPEECH_OUT)/tone/metrics.json data_cache/speech/instruct_train.json
+	$(PY) train.py stage=instruct modality=speech init_from=$(SPEECH_OUT)/tone modality.cache_dir=data_cache/encoder_cache \
+	  stage.adaptor=false stage.optim.lora_lr=1e-3 trainer.max_steps=$(SPEECH_INSTRUCT_STEPS) data.batch_size=4 \
+	  data.group_by_length=true data.system_prompt='' eval.before=false \
+	  data.max_eval_samples=120 checkpoint_every=50 paths.output_dir=$(SPEECH_OUT)/instruct
+
+# transcripts of the 100 held-out clips of every WER table: the LLM's greedy words, and its 4 beams re-scored by the
+# phoneme CTC, with the lexicon decoder's words beside them as a reference
+$(SPEECH_OUT)/eval_asr/metrics.json: $(SPEECH_OUT)/instruct/metrics.json
+	$(PY) train.py stage=evaluate modality=speech init_from=$(SPEECH_OUT)/instruct data.eval_manifest=$(SPEECH_LONG)/eval.jsonl \
+	  data.max_eval_samples=100 eval.lexicon.reference=true paths.output_dir=$(SPEECH_OUT)/eval_asr
+
+$(SPEECH_MODEL)/README.md: $(SPEECH_OUT)/eval_asr/metrics.json
+	$(PY) -m tasks.pack $(SPEECH_OUT)/instruct $(SPEECH_MODEL) --name speech-smollm2-135m --notes @$(SPEECH_MODEL)/NOTES.md \
+	  --eval held-out-voices-asr=$(SPEECH_OUT)/eval_asr --eval held-out-voices-instruct=$(SPEECH_OUT)/instruct
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
