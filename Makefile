@@ -111,7 +111,7 @@ $(STOCK_MODEL)/README.md: $(STOCK_OUT)/eval_test/metrics.json $(STOCK_OUT)/eval_
 SPEECH_OUT ?= outputs/speech_model
 SPEECH_MODEL ?= models/speech-smollm2-135m
 SPEECH_LONG = data_cache/speech_long
-SPEECH_INSTRUCT_STEPS ?= 250
+SPEECH_INSTRUCT_STEPS ?= 200
 speech-model: $(SPEECH_MODEL)/README.md
 
 $(SPEECH_LONG)/train.jsonl:
@@ -126,10 +126,10 @@ $(SPEECH_OUT)/phonemes/metrics.json: $(SPEECH_LONG)/train.jsonl
 
 $(SPEECH_OUT)/read/metrics.json: $(SPEECH_OUT)/phonemes/metrics.json
 	$(PY) train.py experiment=speech_read_phonemes init_from=$(SPEECH_OUT)/phonemes modality.time_mask=0.1 \
-	  trainer.max_steps=500 eval.every_n_steps=125 checkpoint_every=125 paths.output_dir=$(SPEECH_OUT)/read
+	  trainer.max_steps=500 eval.every_n_steps=125 checkpoint_every=125 paths.output_dir=$(SPEECH_OUT)/read  # shipped: stopped at 266 (STOP file)
 
 $(SPEECH_OUT)/tone/metrics.json: $(SPEECH_OUT)/read/metrics.json
-	$(PY) train.py experiment=speech_tone init_from=$(SPEECH_OUT)/read paths.output_dir=$(SPEECH_OUT)/tone
+	$(PY) train.py experiment=speech_tone init_from=$(SPEECH_OUT)/read trainer.max_steps=300 paths.output_dir=$(SPEECH_OUT)/tone  # shipped: stopped at step ~200 (STOP file)
 
 $(SPEECH_OUT)/instruct/metrics.json: $(SPEECH_OUT)/tone/metrics.json data_cache/speech/instruct_train.json
 	$(PY) train.py stage=instruct modality=speech init_from=$(SPEECH_OUT)/tone modality.cache_dir=data_cache/encoder_cache \

@@ -40,7 +40,7 @@ class MultimodalLM(L.LightningModule):
     def __init__(self, llm: nn.Module, tokenizer: Any, modalities: dict[str, nn.Module],
                  placeholder_ids: dict[str, int], stage: StagePolicy, lora: LoraSpec | None = None,
                  optim: OptimSpec | None = None, llm_name: str = "llm", lm_weight: float = 1.0,
-                 objectives: dict[str, Objective] | None = None):
+                 objectives: dict[str, Objective] | None = None, chain_lora: bool = False):
         super().__init__()
         self.save_hyperparameters({"stage": asdict(stage), "lora": asdict(lora) if lora else None,
                                    "optim": asdict(optim or OptimSpec()), "llm_name": llm_name,
@@ -52,9 +52,9 @@ class MultimodalLM(L.LightningModule):
                              f">= 0, and some loss must have weight > 0")
         if lm_weight == 0 and stage.lora:
             raise ValueError("lm_weight=0 (auxiliary objectives only) trains nothing in the LLM: set stage.lora=false")
-        if stage.lora:
+        if stage.lora or chain_lora:  # chain_lora: an earlier stage trained LoRA; this one keeps it (frozen unless stage.lora)
             if lora is None:
-                raise ValueError(f"stage={stage.name} trains LoRA but no lora spec was given")
+                raise ValueError(f"stage={stage.name} needs LoRA layers but no lora spec was given")
             llm = apply_lora(llm, lora)
         self.llm = llm
         self.tokenizer = tokenizer

@@ -186,7 +186,7 @@ def build(cfg: Config, policy: StagePolicy, batch_size: int) -> Built:
                   for o in m.objectives(dict(cfg.stage), metas, train_records, lm.tokenizer, ids[name], policy.adaptor)}
     optim = OptimSpec(**OmegaConf.to_container(cfg.stage.optim)) if "optim" in cfg.stage else OptimSpec()
     model = MultimodalLM(lm.model, lm.tokenizer, modalities, ids, policy, lora=lora, optim=optim, llm_name=lm.name,
-                         lm_weight=cfg.stage.get("lm_weight", 1.0), objectives=objectives)
+                         lm_weight=cfg.stage.get("lm_weight", 1.0), objectives=objectives, chain_lora=bool(lora_meta))
     chain: list[Path] = []
     if cfg.get("init_from"):
         standalone = {m["stage"]: f"modalities.{modality.name}." for m in metas if not m.get("llm")}

@@ -41,11 +41,9 @@ class DecodeSpec:
     length_bonus: float = 0.0
     ctc_beams: int = 0
     score_batch: int = 0  # candidate sequences per teacher-forced LLM forward (0: a batch's all at once)
-    fusion_weight: float = 0.0  # > 0: the phoneme CTC steers the LLM's beam search word by word (asr.fusion)
 
     def __post_init__(self) -> None:
-        if (self.num_beams < 1 or not 0 <= self.joint_weight <= 1 or self.ctc_beams < 0 or self.score_batch < 0
-                or not 0 <= self.fusion_weight < 1):
+        if self.num_beams < 1 or not 0 <= self.joint_weight <= 1 or self.ctc_beams < 0 or self.score_batch < 0:
             raise ValueError("eval.num_beams must be >= 1, eval.joint_weight in [0, 1], eval.ctc_beams and "
                              f"eval.score_batch >= 0, got {self}")
 
@@ -212,7 +210,7 @@ def joint_decode(model: Any, objective: Any, batch: dict, max_new_tokens: int, s
         raise ValueError("eval.joint_weight > 0 needs a chain trained with CTC classes (stage.ctc_vocab=corpus, "
                          "e.g. experiment=speech_align_ctc); this model has none: set eval.joint_weight=0")
     tok = model.tokenizer
-    B, K = batch["input_ids"].shape[0], (1 if spec.fusion_weight > 0 else spec.num_beams)  # fusion: its own beams
+    B, K = batch["input_ids"].shape[0], spec.num_beams
     embeds, outs, mask = model.embed(batch)  # outs: each modality's uncompressed adaptor output, reused below
     stops = stop_token_ids(tok)
     stop = stops[0]  # what a finished answer ends with
@@ -225,8 +223,6 @@ def joint_decode(model: Any, objective: Any, batch: dict, max_new_tokens: int, s
     cands: list[list[dict] | None] = [None] * B
     table = model.llm.get_input_embeddings().weight
     readouts = objective.readout(batch, outs, table) if objective is not None else [None] * B
-    if spec.fusion_weight > 0:
-        return _fused(model, objective, batch, outs, embeds, mask, best, readouts, spec, transcript_types, max_new_tokens)
     if not spec.joint:
         return best, readouts, cands
     todo = [b for b in range(B) if batch["types"][b] in transcript_types and readouts[b] is not None]
@@ -258,29 +254,6 @@ def joint_decode(model: Any, objective: Any, batch: dict, max_new_tokens: int, s
             c["ctc"] = v if math.isfinite(v) else None  # strict JSON in predictions.jsonl (no -Infinity)
     for b in todo:
         best[b] = pick(cands[b], spec.joint_weight, spec.length_bonus)
-    return best, readouts, cands
-
-
-def _fused(model: Any, objective: Any, batch: dict, outs: dict, embeds: Tensor, mask: Tensor, greedy: list[str],
-           readouts: list, spec: DecodeSpec, transcript_types: set[str], max_new_tokens: int):
-    """Transcript samples re-decoded by the CTC-steered beam search (modality.speech.asr.fusion); each keeps the
-    LLM's plain greedy transcript as candidate ``greedy`` (source "greedy") beside the fused beams."""
-    from modality.speech.asr.fusion import fused_transcribe
-
-    if objective is None or not objective.phonemes:
-        raise ValueError("eval.fusion_weight > 0 needs a phoneme chain (experiment=speech_align_phonemes, then "
-                         "speech_read_phonemes)")
-    best = list(greedy)
-    cands: list[list[dict] | None] = [None] * len(best)
-    out, lengths = outs[objective.modality]
-    logits = objective.logits(out, model.llm.get_input_embeddings().weight)
-    for k, b in enumerate(batch["modal"][objective.modality]["sample_index"].tolist()):
-        if batch["types"][b] not in transcript_types or readouts[b] is None:
-            continue
-        text, beams = fused_transcribe(model, objective, embeds[b:b + 1], mask[b:b + 1], logits[k], int(lengths[k]),
-                                       spec.fusion_weight, max(2, spec.num_beams), max_new_tokens)
-        best[b] = text
-        cands[b] = beams + [{"text": greedy[b], "source": "greedy"}]
     return best, readouts, cands
 
 

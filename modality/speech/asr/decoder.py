@@ -56,10 +56,6 @@ class SpeechDecoder(Decoder):
         from tasks.evaluate import WER_TYPES, edit_distance, normalize, wer
 
         out = {}
-        greedy = [(r["reference"] or "", c["text"]) for r in rows if r.get("type") in WER_TYPES
-                  for c in r.get("candidates") or [] if c.get("source") == "greedy"]
-        if greedy:  # with eval.fusion_weight: the LLM's plain greedy transcript of the same rows, beside the fused one
-            out["greedy_wer"] = round(wer([r for r, _ in greedy], [h for _, h in greedy]), 4)
         lexicon = [(r["reference"] or "", r["lexicon"]) for r in rows if r.get("type") in WER_TYPES and "lexicon" in r]
         if lexicon:
             out["lexicon_wer"] = round(wer([r for r, _ in lexicon], [h for _, h in lexicon]), 4)
@@ -81,7 +77,7 @@ def build_speech_decoder(settings: Mapping[str, Any], objectives: Sequence[Any],
     objective = next((o for o in objectives if isinstance(o, CtcObjective)), None)
     spec = DecodeSpec(int(settings.get("num_beams", 1)), float(settings.get("joint_weight", 0.0)),
                       float(settings.get("length_bonus", 0.0)), int(settings.get("ctc_beams", 0)),
-                      int(settings.get("score_batch", 0)), float(settings.get("fusion_weight", 0.0) or 0.0))
+                      int(settings.get("score_batch", 0)))
     if objective is not None and objective.phonemes:
         from modality.speech.asr.lexicon import word_decoder
 

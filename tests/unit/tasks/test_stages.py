@@ -52,3 +52,20 @@ def test_loss_equals_full_logits_cross_entropy(tiny_lm, toy_modality):
                                                 batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
     assert torch.allclose(ours, ref, atol=1e-5)
     assert (batch["labels"] != -100).sum() < batch["attention_mask"].sum() / 2  # prompt + placeholders unlabeled
+
+
+def test_a_stage_after_a_lora_stage_keeps_the_lora_layers_frozen(tiny_lm, toy_modality):
+    """align after a LoRA-trained stage (e.g. speech_tone after speech_read_phonemes): the chain's LoRA layers are
+    built so its weights load, and the stage's trainable set stays the adaptor's."""
+    from llm.lora import LoraSpec
+    from llm.tokens import add_placeholder_tokens
+    from tasks.multimodal import MultimodalLM
+    from tests.unit.helpers import STAGES
+
+    pid = add_placeholder_tokens(tiny_lm.tokenizer, tiny_lm.model, [toy_modality.placeholder])[toy_modality.placeholder]
+    model = MultimodalLM(tiny_lm.model, tiny_lm.tokenizer, {"toy": toy_modality}, {"toy": pid}, STAGES["align"],
+                         lora=LoraSpec(r=4, alpha=8, dropout=0.0), chain_lora=True)
+    lora = [n for n, _ in model.named_parameters() if "lora_" in n]
+    names = trainable_names(model)
+    assert lora and not any("lora_" in n for n in names)
+    assert names and all(n.startswith("modalities.toy.adaptor.") for n in names)

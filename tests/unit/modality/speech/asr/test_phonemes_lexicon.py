@@ -211,28 +211,3 @@ def test_llm_reads_the_phonemes_and_joint_decoding_scores_texts_by_their_sound(t
     assert scores[0] > scores[1] and scores[0] > math.log(0.5)
     with pytest.raises(ValueError, match="ctc_compress=soft"):
         ctc(tiny_lm, toy_modality, 1.0, phonemes=classes, phonemizer=ph, compress="mean")(1)
-
-
-def test_ctc_prefix_scores_agree_with_the_full_ctc_and_fall_as_a_prefix_grows():
-    """The prefix scorer of the fused decoder (modality.speech.asr.fusion): its full-sequence score is torch's CTC
-    likelihood, a prefix's mass is >= any of its extensions', and the said sequence beats another."""
-    import numpy as np
-
-    from modality.speech.asr.fusion import CtcPrefixScorer
-
-    torch.manual_seed(0)
-    T, V = 12, 5
-    logits = torch.randn(T, V)
-    logits[[1, 2], 3] += 4.0  # the clip 'says' 3 then 1
-    logits[[6, 7], 1] += 4.0
-    logp = logits.log_softmax(-1)
-    sc = CtcPrefixScorer(logp.numpy(), blank=0)
-    for seq in [(3, 1), (3, 3, 1), (2,), (3, 1, 4)]:
-        ref = -torch.nn.functional.ctc_loss(logp[:, None], torch.tensor([seq]), torch.tensor([T]), torch.tensor([len(seq)]),
-                                            blank=0, reduction="sum")
-        assert abs(sc.full(seq) - float(ref)) < 1e-4
-    assert sc.prefix((3,)) >= sc.prefix((3, 1)) >= sc.full((3, 1))
-    assert abs(sc.prefix(()) - 0.0) < 1e-9
-    assert sc.full((3, 1)) > sc.full((1, 3)) and sc.prefix((3,)) > sc.prefix((1,))
-    total = np.logaddexp.reduce([sc.prefix((c,)) for c in range(1, V)] + [sc.full(())])
-    assert abs(total) < 1e-6  # every alignment starts with some label, or has none at all
