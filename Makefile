@@ -129,7 +129,7 @@ $(SPEECH_OUT)/read/metrics.json: $(SPEECH_OUT)/phonemes/metrics.json
 	  trainer.max_steps=500 eval.every_n_steps=125 checkpoint_every=125 paths.output_dir=$(SPEECH_OUT)/read  # shipped: stopped at 266 (STOP file)
 
 $(SPEECH_OUT)/tone/metrics.json: $(SPEECH_OUT)/read/metrics.json
-	$(PY) train.py experiment=speech_tone init_from=$(SPEECH_OUT)/read trainer.max_steps=300 paths.output_dir=$(SPEECH_OUT)/tone  # shipped: stopped at step ~200 (STOP file)
+	$(PY) train.py experiment=speech_tone init_from=$(SPEECH_OUT)/read trainer.max_steps=200 paths.output_dir=$(SPEECH_OUT)/tone
 
 $(SPEECH_OUT)/instruct/metrics.json: $(SPEECH_OUT)/tone/metrics.json data_cache/speech/instruct_train.json
 	$(PY) train.py stage=instruct modality=speech init_from=$(SPEECH_OUT)/tone modality.cache_dir=data_cache/encoder_cache \

@@ -150,7 +150,7 @@ def test_tone_heads_train_alone_and_the_next_stage_reads_phonemes_then_tone(spee
                                  f"data.val_files={speech_corpus}/eval.jsonl", f"paths.output_dir={tmp_path}/tone"]))
     assert tone["steps"] == 3
     saved = torch.load(tmp_path / "tone" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert saved["state_dict"] and all(k.startswith("objectives.speech_tone.heads.") for k in saved["state_dict"])
+    assert saved["state_dict"] and all(k.startswith(("objectives.speech_tone.heads.", "objectives.speech_tone.trunk.")) for k in saved["state_dict"])
     classes = saved["mmlm"]["tone_classes"]
     assert classes["gender"] == ["female", "male"] and len(classes["speed_class"]) == 3
     header = (tmp_path / "tone" / "metrics.csv").read_text().splitlines()[0].split(",")
