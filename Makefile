@@ -111,7 +111,7 @@ $(STOCK_MODEL)/README.md: $(STOCK_OUT)/eval_test/metrics.json $(STOCK_OUT)/eval_
 SPEECH_OUT ?= outputs/speech_model
 SPEECH_MODEL ?= models/speech-smollm2-135m
 SPEECH_LONG = data_cache/speech_long
-SPEECH_INSTRUCT_STEPS ?= 200
+SPEECH_INSTRUCT_STEPS ?= 200  # the shipped run stopped at 159 (STOP file)
 speech-model: $(SPEECH_MODEL)/README.md
 
 $(SPEECH_LONG)/train.jsonl:
