@@ -43,6 +43,15 @@ def _commit() -> str:
                           check=False).stdout.strip()
 
 
+def _wandb_offline(tmp_path, monkeypatch) -> None:
+    """No WANDB_* from the caller's environment; the offline settings of ``_offline_env`` instead."""
+    for k in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(k)
+    for k, v in _offline_env(tmp_path).items():
+        if k.startswith("WANDB_"):
+            monkeypatch.setenv(k, v)
+
+
 def test_every_logger_at_once_gets_config_commit_params_and_metrics(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     pytest.importorskip("tensorboard")
@@ -50,11 +59,7 @@ def test_every_logger_at_once_gets_config_commit_params_and_metrics(tmp_path, mo
 
     from tasks.runner import run
 
-    for k in [k for k in os.environ if k.startswith("WANDB_")]:
-        monkeypatch.delenv(k)
-    for k, v in _offline_env(tmp_path).items():
-        if k.startswith("WANDB_"):
-            monkeypatch.setenv(k, v)
+    _wandb_offline(tmp_path, monkeypatch)
     out = tmp_path / "run"
     metrics = run(cfg_for(FORECAST + ["logger=all", "stage.optim.lr=3e-4", f"paths.data_dir={tmp_path}/data",
                                       f"paths.output_dir={out}"]))
@@ -128,11 +133,7 @@ def test_a_run_that_never_trains_logs_its_metrics_and_sample_predictions(tmp_pat
 
     from tasks.tracking import RunTracking
 
-    for k in [k for k in os.environ if k.startswith("WANDB_")]:
-        monkeypatch.delenv(k)
-    for k, v in _offline_env(tmp_path).items():
-        if k.startswith("WANDB_"):
-            monkeypatch.setenv(k, v)
+    _wandb_offline(tmp_path, monkeypatch)
     cfg = cfg_for(["logger=all", f"paths.output_dir={tmp_path}"])
     rows = [{"id": i, "reference": f"ref {i}", "prediction": f"pred | {i}", "scores": [1, 2]} for i in range(20)]
     (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
