@@ -18,6 +18,14 @@ import torch
 from torch import Tensor, nn
 
 
+def text_rows(tokenizer: Any, embeddings: Tensor, texts: Sequence[str]) -> Tensor:
+    """[len(texts), D]: each text's token rows of the LLM's input table, averaged (detached). Why: an objective that
+    hands the LLM a class (a phoneme, a label) as text it knows places that class's rows."""
+    table = embeddings.detach()
+    return torch.stack([table[torch.tensor(tokenizer.encode(t, add_special_tokens=False), device=table.device)]
+                        .float().mean(0) for t in texts]).to(embeddings)
+
+
 class Objective(nn.Module):
     name: str = "objective"  # its key in MultimodalLM.objectives is "<modality>_<name>"
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modality.base import Objective
+from modality.base import Objective, text_rows
 
 TONE_LABELS = ("gender", "pitch_class", "speed_class", "accent_region")
 
@@ -55,7 +55,7 @@ class ToneObjective(Objective):
         self.heads = nn.ModuleDict({k: nn.Linear(hidden, len(v)) for k, v in self.classes.items()})
         self.requires_grad_(weight > 0)  # the tone stage trains them; every later stage only reads them
         self._counts: dict[str, list[int]] = {k: [0, 0] for k in self.classes}
-        self._tables: dict[str, Tensor] = {}
+        self._tables: dict[tuple[str, int], Tensor] = {}
 
     def logits(self, rows: Tensor | None = None) -> dict[str, Tensor]:
         """label -> [n, C] for the clips of the modality's last ``adapt`` (``rows`` of them: a subset)."""
@@ -88,12 +88,9 @@ class ToneObjective(Objective):
 
     def table(self, label: str, embeddings: Tensor) -> Tensor:
         """[C, D]: each class name's LLM rows, averaged (" high" -> its token rows)."""
-        key = f"{label}:{embeddings.data_ptr()}"
+        key = (label, embeddings.data_ptr())
         if key not in self._tables:
-            rows = [embeddings.detach()[torch.tensor(self.tokenizer.encode(" " + c, add_special_tokens=False),
-                                                     device=embeddings.device)].float().mean(0) for c in self.classes[label]]
-            self._tables = {k: v for k, v in self._tables.items() if not k.startswith(f"{label}:")}
-            self._tables[key] = torch.stack(rows).to(embeddings)
+            self._tables[key] = text_rows(self.tokenizer, embeddings, [" " + c for c in self.classes[label]])
         return self._tables[key]
 
     def transform(self, name: str, out: Tensor, lengths: Tensor, embeddings: Tensor,

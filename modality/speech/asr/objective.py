@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from modality.base import Objective
+from modality.base import Objective, text_rows
 from modality.speech.asr.ctc import (SpellingSegmenter, class_index, corpus_vocab, cosine_logits, ctc_compress, ctc_loss,
                                      greedy_ctc_decode, linear_head, single_char_tokens, to_classes)
 from modality.speech.asr.phonemes import BLANK, WORD, Phonemizer, phoneme_inventory
@@ -82,11 +82,8 @@ class CtcObjective(Objective):
         learns to read it, and a checkpoint carries nothing new."""
         key = (embeddings.data_ptr(), embeddings.device)
         if self._table is None or self._table[0] != key:
-            rows = [embeddings.new_zeros(embeddings.shape[1])]
-            for p in self.phonemes[1:]:
-                ids = self.tokenizer.encode(" |" if p == WORD else p, add_special_tokens=False)
-                rows.append(embeddings.detach()[torch.tensor(ids, device=embeddings.device)].float().mean(0).to(embeddings))
-            self._table = (key, torch.stack(rows))
+            rows = text_rows(self.tokenizer, embeddings, [" |" if p == WORD else p for p in self.phonemes[1:]])
+            self._table = (key, torch.cat([rows.new_zeros(1, rows.shape[1]), rows]))
         return self._table[1]
 
     # ------------------------------------------------------------------ classes
