@@ -99,7 +99,8 @@ class ConversationCollator:
         readings: dict[int, list[list[int]]] = {}
         for name, m in self.modalities.items():
             tensors = s["inputs"].get(name, [])
-            length_fn = m.adapted_length if s["kinds"].get(name) == "hidden" else m.output_length
+            kind = s["kinds"].get(name)  # hidden: cached encoder output; symbols: one position per symbol
+            length_fn = {"hidden": m.adapted_length, "symbols": int}.get(kind, m.output_length)
             pid = self.placeholder_ids[name]
             counts[pid] = [length_fn(int(t.shape[0])) for t in tensors]
             texts = s.get("readings", {}).get(name, [])

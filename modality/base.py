@@ -53,6 +53,11 @@ class Objective(nn.Module):
         transform in turn: ``out``/``lengths`` are what the previous one left, ``source`` the adaptor's own output."""
         return None
 
+    def symbol_rows(self, name: str, symbols: Tensor, embeddings: Tensor) -> Tensor | None:
+        """Rows [n, N, D] for inputs given as distributions over this objective's classes [n, N, V] (a modality input
+        of kind ``symbols``: e.g. a transcript's phonemes, modality.speech.asr.text_reading); None: not its classes."""
+        return None
+
     def validation_batch(self, outs: dict[str, tuple[Tensor, Tensor]], batch: dict, embeddings: Tensor) -> None:
         """Accumulate validation counts for one batch."""
 

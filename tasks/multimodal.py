@@ -114,7 +114,20 @@ class MultimodalLM(L.LightningModule):
                 holes[slots] = filler
                 attention_mask = attention_mask * ~holes
             embeds = merge_embeddings(embeds, slots, valid_rows(out, lengths))
+        for name, entry in batch["modal"].items():  # inputs given as symbols: no adaptor, an objective's own rows
+            if entry["kind"] == "symbols":
+                rows = self.symbol_rows(name, entry["values"], table)
+                embeds = merge_embeddings(embeds, input_ids == self.placeholder_ids[name],
+                                          valid_rows(rows, entry["mask"].sum(1)))
         return embeds, outs, attention_mask
+
+    def symbol_rows(self, name: str, symbols: Tensor, table: Tensor) -> Tensor:
+        """[n, N, V] class distributions -> [n, N, D] rows from the objective that owns those classes."""
+        for objective in self.objectives.values():
+            if (rows := objective.symbol_rows(name, symbols, table)) is not None:
+                return rows
+        raise ValueError(f"{name} inputs given as symbols (e.g. text-only phonemes) need an objective that reads them "
+                         f"(a phoneme chain with modality.ctc_compress=soft); this run has {sorted(self.objectives)}")
 
     def lm_loss(self, embeds: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
         """Next-token CE, with the LM head run only where there are labels (the head is ~20% of compute).
@@ -153,6 +166,8 @@ class MultimodalLM(L.LightningModule):
         outs = {}
         for name, entry in batch["modal"].items():
             m = self.modalities[name]
+            if entry["kind"] == "symbols":  # no adaptor output: embed() reads them through symbol_rows
+                continue
             if entry["kind"] == "hidden":
                 outs[name] = m.adapt(entry["values"], entry["mask"].sum(1))
             else:

@@ -374,7 +374,8 @@ def _precompute_caches(dm: Any, modalities: dict[str, Any]) -> None:
         for split in ("train", "val", "eval"):
             for rec in dm.records(split) if dm.files[split] else []:
                 for ref in rec.get(name) or []:
-                    refs[str(m.resolve(ref, rec.get("root")))] = None
+                    if not isinstance(ref, dict):  # a dict ref is no file (e.g. speech's {"text": ...})
+                        refs[str(m.resolve(ref, rec.get("root")))] = None
         counts = m.precompute_cache(list(refs))
         log.info("%s encoder cache: %s", name, counts)
 

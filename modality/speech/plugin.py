@@ -25,6 +25,7 @@ import torchaudio.functional as AF
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from modality.speech.asr.text_reading import PhonemeNoise, TextPhonemes
 from modality.speech.audio import audio_info, load_audio
 from modality.base import Modality
 from modality.speech.adaptor import SpeechAdaptor, encoder_states
@@ -143,6 +144,7 @@ class SpeechModality(Modality):
         ctc_compress: bool | str = False,
         time_mask: float = 0.0,
         encoder_layers: str | list = "last",
+        text_noise: dict | None = None,
     ):
         super().__init__()
         self.hp = SpeechHParams(int(d_llm), stack, adaptor, hidden, target_rms, max_seconds, overlong, layers, heads)
@@ -155,6 +157,8 @@ class SpeechModality(Modality):
         if not 0 <= time_mask < 1:
             raise ValueError(f"time_mask must be in [0, 1), got {time_mask}")
         self.time_mask = float(time_mask)
+        self.text_noise = PhonemeNoise(**(text_noise or {}))  # text-only reading practice (asr.text_reading)
+        self.text_reader: TextPhonemes | None = None  # set by objectives() when the chain reads phonemes
         self.d_llm = self.hp.d_llm
         self.encoder = _load_encoder(encoder_name, tiny)
         cfg = self.encoder.config
@@ -276,7 +280,15 @@ class SpeechModality(Modality):
         return Path(self.cache_dir) / digest[:2] / f"{digest}.safetensors"
 
     def load_features(self, ref: Any, root: str | None = None) -> tuple[Tensor, str]:
-        """(log-mel, "features"); with ``cache_dir`` set, (cached encoder output [T', K*H], "hidden")."""
+        """(log-mel, "features"); with ``cache_dir`` set, (cached encoder output [T', K*H], "hidden"); a ``{"text":
+        ...}`` ref: (its noised phoneme distributions [N, V], "symbols"), reading practice without audio."""
+        if isinstance(ref, dict):
+            if set(ref) != {"text"} or not str(ref["text"]).strip():
+                raise ValueError(f"a speech input is an audio path or {{'text': <transcript>}}, got {ref!r}")
+            if self.text_reader is None:
+                raise ValueError("speech inputs given as text need a phoneme chain read softly (init_from a "
+                                 "stage.ctc_vocab=phonemes run, modality.ctc_compress=soft)")
+            return self.text_reader(str(ref["text"])), "symbols"
         if self.cache_dir is None:
             return self.featurize(self.load(ref, root)), "features"
         path = self.resolve(ref, root)
@@ -345,6 +357,8 @@ class SpeechModality(Modality):
 
         ctc = build_ctc_objective(self, settings, inherited, train_records, tokenizer, placeholder_id, trainable)
         tone = build_tone_objective(self, settings, inherited, train_records, tokenizer)
+        if ctc is not None and ctc.phonemes and ctc.compress == "soft":
+            self.text_reader = TextPhonemes(ctc.phonemizer, ctc.phonemes, self.text_noise)
         return [o for o in (ctc, tone) if o is not None]  # in this order: tone positions follow the phonemes
 
     def decoder(self, settings, objectives, inherited, train_files) -> Any:

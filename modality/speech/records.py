@@ -17,11 +17,12 @@ ASR_PROMPTS = (
 
 def asr_record(line: dict, where: str, prompt: str, key: str = "speech", placeholder: str = "<speech>") -> dict:
     """A NeMo manifest line -> an align conversation with the transcript as the answer."""
-    for field in ("audio_filepath", "text"):
+    for field in (() if line.get("from_text") else ("audio_filepath",)) + ("text",):
         if field not in line:
             raise ValueError(f"{where}: NeMo manifest line lacks '{field}'")
-    rec = {k: v for k, v in line.items() if k not in ("audio_filepath",)}
-    rec.update({"id": line.get("id", where), key: [line["audio_filepath"]], "type": "asr",
+    rec = {k: v for k, v in line.items() if k not in ("audio_filepath", "from_text")}
+    ref = {"text": line["text"]} if line.get("from_text") else line["audio_filepath"]
+    rec.update({"id": line.get("id", where), key: [ref], "type": "asr",
                 "reference": line["text"],
                 "conversations": [{"from": "human", "value": f"{placeholder}\n{prompt}"},
                                   {"from": "gpt", "value": line["text"]}]})
@@ -32,8 +33,9 @@ def asr_record(line: dict, where: str, prompt: str, key: str = "speech", placeho
 
 
 def manifest_record(line: dict, where: str, rng: random.Random, key: str, placeholder: str) -> dict | None:
-    """Modality.read_record for the speech plugins: NeMo lines (``audio_filepath`` without ``conversations``)."""
-    if "audio_filepath" not in line or "conversations" in line:
+    """Modality.read_record for the speech plugins: NeMo lines (``audio_filepath`` without ``conversations``), or
+    ``{"text": ..., "from_text": true}``: the transcript's phonemes stand in for a clip (asr.text_reading)."""
+    if not ("audio_filepath" in line or line.get("from_text")) or "conversations" in line:
         return None
     return asr_record(line, where, rng.choice(ASR_PROMPTS), key, placeholder)
 

@@ -180,3 +180,42 @@ def test_tone_heads_train_alone_and_the_next_stage_reads_phonemes_then_tone(spee
     slots = int((batch["input_ids"] == model.placeholder_ids["speech"]).sum())
     attended = int(mask[batch["input_ids"] == model.placeholder_ids["speech"]].sum())
     assert attended == min(int(k[0]) + 4, slots) and "speech_tone" in model.objectives
+
+
+@pytest.mark.slow
+def test_reading_practice_on_text_alone_feeds_the_llm_the_phoneme_rows_of_each_sentence(speech_corpus, tmp_path):
+    """speech_align_phonemes -> speech_read_text: samples are sentences (no audio) whose espeak-ng phonemes stand in
+    for a clip, one position per phoneme, each the chain's table row (noise off here); only LoRA trains, and
+    validation on real clips still runs."""
+    common = TINY + SHRINK + _data(speech_corpus, tmp_path) + ["eval.max_new_tokens=3", "trainer.log_every_n_steps=1"]
+    run(cfg_for(common + ["experiment=speech_align_phonemes", "trainer.max_steps=2", "data.eval_files=null",
+                          f"paths.output_dir={tmp_path}/p1"]))
+    texts = [json.loads(line)["text"] for line in (speech_corpus / "train.jsonl").open()][:8]
+    lines = tmp_path / "text.jsonl"
+    lines.write_text("".join(json.dumps({"id": f"t{i}", "text": t, "from_text": True}) + "\n" for i, t in enumerate(texts)))
+    quiet = "modality.text_noise={substitute: 0.0, delete: 0.0, insert: 0.0, soft: 0.0}"
+    got = run(cfg_for(common + ["experiment=speech_read_text", "trainer.max_steps=2", "eval.every_n_steps=null",
+                                f"data.train_files={lines}", f"init_from={tmp_path}/p1", quiet,
+                                f"paths.output_dir={tmp_path}/rt"]))
+    assert got["steps"] == 2 and "wer" in got
+    saved = torch.load(tmp_path / "rt" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["state_dict"] and all("lora_" in k for k in saved["state_dict"])
+    header = (tmp_path / "rt" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "val/lm_loss" in header  # validation read real clips
+    # what the LLM reads for a sentence: one position per espeak-ng phoneme, each that phoneme's table row
+    from tasks.runner import build_trained
+    from tests.unit.helpers import batch_for
+    from modality.speech.records import manifest_record
+    import random
+
+    model = build_trained(str(tmp_path / "rt"), TINY + [quiet]).model.eval()
+    rec = manifest_record({"text": texts[0], "from_text": True}, "text.jsonl:1", random.Random(0), "speech", "<speech>")
+    batch = batch_for(model, [rec], generate=True)
+    ctc = model.objectives["speech_ctc"]
+    ids = [ctc.phonemes.index(p) for p in ctc.phonemizer([texts[0]])[0]]
+    slots = batch["input_ids"] == model.placeholder_ids["speech"]
+    assert int(slots.sum()) == len(ids) and batch["modal"]["speech"]["kind"] == "symbols"
+    with torch.no_grad():
+        embeds, outs, _ = model.embed(batch)
+    table = ctc.phoneme_table(model.llm.get_input_embeddings().weight)
+    assert not outs and torch.allclose(embeds[slots], table[ids])

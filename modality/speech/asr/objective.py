@@ -152,6 +152,15 @@ class CtcObjective(Objective):
         return ctc_compress(out, lengths, embeddings, self.placeholder_id, vocab=self.vocab,
                             soft=self.compress == "soft", logits=self.logits(out, embeddings))
 
+    def symbol_rows(self, name: str, symbols: Tensor, embeddings: Tensor) -> Tensor | None:
+        """Phoneme distributions [n, N, V] (text-only reading practice) -> their rows, as soft compression maps a clip."""
+        if name != self.modality or not self.phonemes or self.compress != "soft":
+            return None
+        if symbols.shape[-1] != len(self.phonemes):
+            raise ValueError(f"{name}: phoneme inputs over {symbols.shape[-1]} classes, this chain has {len(self.phonemes)}")
+        table = self.phoneme_table(embeddings)
+        return (symbols.to(table.device).float() @ table.float()).to(table.dtype)
+
     def validation_batch(self, outs: dict[str, tuple[Tensor, Tensor]], batch: dict, embeddings: Tensor) -> None:
         from tasks.evaluate import edit_distance, normalize
 

@@ -11,6 +11,10 @@ reuses every clip whose parameters are unchanged.
 
 writes only train.jsonl: WordNet example sentences (never a held-out fortune sentence) in the
 training voices, extra training text for the long alignment recipe.
+
+    python -m modality.speech.corpus.build --out data_cache/speech_text --text-train 60000
+
+writes only train.jsonl of text-only lines (no audio): reading practice for the LLM (asr.text_reading).
 """
 
 from __future__ import annotations
@@ -71,6 +75,18 @@ def build_wordnet_train(out: Path, n: int, jobs: int, seed: int, part: str = "ex
             "pruned": prune(out, f"wavs/{name}", rows), "hours": round(sum(r["duration"] for r in rows) / 3600, 3)}
 
 
+def build_text_train(out: Path, n: int, seed: int) -> dict:
+    """``n`` text-only transcription lines (``"from_text": true``, no audio: modality.speech.asr.text_reading):
+    the fortune train pool, then WordNet's examples and definitions, never a held-out sentence."""
+    pools = split_sentences(load_sentences(seed=seed))
+    held = pools["eval"] + pools["val"]
+    texts = list(dict.fromkeys(pools["train"] + wordnet_examples(seed=seed, exclude=held)
+                               + wordnet_examples(seed=seed, exclude=held, part="definitions")))
+    rows = [{"id": f"text-{i:06d}", "text": t, "from_text": True} for i, t in enumerate(texts[:n])]
+    write_manifest(out / "train.jsonl", rows)
+    return {"train": len(rows), "sentences": len(texts)}
+
+
 def build_instruct(out: Path, n_train: int, n_eval: int, jobs: int, seed: int) -> dict:
     """Spoken-arithmetic clips + conversations over the align clips (eval over held-out voices)."""
     stats: dict = {"failed": 0, "errors": []}
@@ -109,6 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--align-only", action="store_true", help="build only the align manifests (e.g. a larger corpus for speech_align_long)")
     p.add_argument("--wordnet-train", type=int, default=0, metavar="N",
                    help="build ONLY a train.jsonl of N clips of WordNet text (apt: wordnet-base)")
+    p.add_argument("--text-train", type=int, default=0, metavar="N",
+                   help="write ONLY a train.jsonl of N text-only transcription lines (no audio; reading practice)")
     p.add_argument("--wordnet-part", choices=("examples", "definitions"), default="examples",
                    help="with --wordnet-train: the glosses' example sentences or their definitions")
     return p.parse_args(argv)
@@ -119,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     n_eval = args.n_instruct_eval if args.n_instruct_eval is not None else max(1, args.n_instruct // 4)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if args.text_train:
+        got = build_text_train(args.out, args.text_train, args.seed)
+        print(f"text-only train: {got['train']} lines of {got['sentences']} sentences, {time.perf_counter() - t0:.1f}s")
+        return 0
     if args.wordnet_train:
         wn = build_wordnet_train(args.out, args.wordnet_train, args.jobs, args.seed, args.wordnet_part)
         print(f"wordnet {args.wordnet_part} train: {wn['train']} clips of {wn['sentences']} sentences ({wn['hours']} h audio), "
