@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torchaudio.functional as AF
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -29,11 +28,11 @@ from modality.speech.asr.text_reading import PhonemeNoise, TextPhonemes
 from modality.speech.audio import audio_info, load_audio
 from modality.base import Modality
 from modality.speech.adaptor import SpeechAdaptor, encoder_states
+from modality.speech.logmel import SAMPLE_RATE, log_mel, log_mel_batch, mel_filters, pad_waves
 from modality.speech.records import manifest_record
 from modality.speech.shapes import TINY_ENCODER
 from modality.speech.tone import pooled
 
-SAMPLE_RATE, N_FFT, HOP = 16000, 400, 160  # Whisper's front end: 25 ms window, 10 ms hop
 PACKAGED = "packaged:whisper-tiny.en"
 
 
@@ -69,22 +68,6 @@ class SpeechHParams:
             raise ValueError(f"max_seconds must be in (0, 30] (Whisper's window), got {self.max_seconds}")
         if self.overlong not in ("error", "truncate"):
             raise ValueError(f"overlong must be 'error' or 'truncate', got {self.overlong!r}")
-
-
-def mel_filters(n_mels: int) -> Tensor:
-    """Slaney-scale, slaney-normalised triangular filters [N_FFT//2+1, n_mels], as Whisper/librosa."""
-    return AF.melscale_fbanks(N_FFT // 2 + 1, 0.0, 8000.0, n_mels, SAMPLE_RATE, norm="slaney", mel_scale="slaney")
-
-
-def log_mel(wave: Tensor, filters: Tensor) -> Tensor:
-    """Waveform [S] at 16 kHz -> Whisper log-mel [S // 160, n_mels] on the real length (no 30 s padding)."""
-    if wave.shape[0] <= N_FFT // 2:  # reflect padding needs more than half a window: pad very short clips with silence
-        wave = F.pad(wave, (0, N_FFT + 1 - wave.shape[0]))
-    stft = torch.stft(wave, N_FFT, HOP, window=torch.hann_window(N_FFT, device=wave.device), return_complex=True)
-    power = stft[:, :-1].abs() ** 2  # [F, T]; Whisper drops the last frame
-    log = (filters.T.to(power) @ power).clamp(min=1e-10).log10()  # [n_mels, T]
-    log = torch.maximum(log, log.max() - 8.0)
-    return ((log + 4.0) / 4.0).T.contiguous()  # [T, n_mels]
 
 
 def _load_encoder(encoder_name: str, tiny: bool | dict) -> nn.Module:
@@ -335,7 +318,7 @@ class SpeechModality(Modality):
         bar = tqdm(total=len(todo), desc="speech cache", unit="clip", disable=not progress)
         for i in range(0, len(todo), batch_size):
             chunk = [p for _, p in todo[i : i + batch_size]]
-            feats, mask = self.collate_features([self.featurize(self.load(p)) for p in chunk])
+            feats, mask = log_mel_batch(*pad_waves([self.load(p) for p in chunk], self.mel_fb.device), self.mel_fb)
             hidden, lengths = self.encode_frozen(feats, mask)
             for path, h, n in zip(chunk, hidden.float().cpu(), lengths.tolist()):
                 self._save_cache(self.cache_path(path), h[:n].clone())
