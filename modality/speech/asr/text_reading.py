@@ -15,6 +15,7 @@ table the audio path uses, so what the LLM reads is the same kind of row either 
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,13 +77,24 @@ class TextPhonemes:
         self.index = {p: i for i, p in enumerate(self.classes)}
         self.noise = noise or PhonemeNoise()
         self.rng = random.Random(seed)
+        self.dropped: dict[str, int] = {}  # phonemes without a class: how often each was dropped
 
     def __call__(self, text: str, where: str = "") -> Tensor:
+        """A phoneme the chain has no class for is dropped (the recognizer can never say it: to the reader it is a
+        deletion), counted in ``dropped`` and logged once per phoneme, naming the sentence."""
         try:
             seq = self.phonemizer([text])[0]
         except ValueError as e:
             raise ValueError(f"{where or text!r}: {e}") from None
-        missing = sorted({p for p in seq if p not in self.index})
-        if missing:
-            raise ValueError(f"{where or text!r}: phonemes {missing} are not among the chain's {len(self.classes)} classes")
-        return noisy_distribution([self.index[p] for p in seq], len(self.classes), self.noise, self.rng)
+        ids = []
+        for p in seq:
+            if p in self.index:
+                ids.append(self.index[p])
+                continue
+            if p not in self.dropped:
+                log.warning("%s: phoneme %r is not among the chain's %d classes: dropped (counted in dropped)",
+                            where or repr(text), p, len(self.classes))
+            self.dropped[p] = self.dropped.get(p, 0) + 1
+        if not ids:
+            raise ValueError(f"{where or text!r}: none of its phonemes {sorted(set(seq))} is among the chain's classes")
+        return noisy_distribution(ids, len(self.classes), self.noise, self.rng)

@@ -38,10 +38,17 @@ def test_bad_noise_and_bad_classes_are_refused():
         noisy_distribution([], 5, PhonemeNoise(), random.Random(0))
 
 
-def test_a_sentence_with_a_phoneme_the_chain_never_learned_names_the_sentence_and_the_phonemes():
-    reader = TextPhonemes(lambda texts: [["h", "ə", "|"] for _ in texts], ["<b>", "h", "|"], seed=0)
-    with pytest.raises(ValueError, match=r"line 7.*\['ə'\]"):
-        reader("ha", where="line 7")
+def test_a_phoneme_the_chain_never_learned_is_dropped_counted_and_logged(caplog):
+    reader = TextPhonemes(lambda texts: [["h", "ə", "|"] for _ in texts], ["<b>", "h", "|"],
+                          PhonemeNoise(substitute=0, delete=0, insert=0, soft=0), seed=0)
+    with caplog.at_level("WARNING"):
+        dist = reader("ha", where="line 7")
+        reader("ha", where="line 8")
+    assert dist.argmax(-1).tolist() == [1, 2] and reader.dropped == {"ə": 2}
+    assert [r.getMessage()[:6] for r in caplog.records] == ["line 7"]  # once per phoneme, naming the sentence
+    only_new = TextPhonemes(lambda texts: [["ə"] for _ in texts], ["<b>", "h", "|"], seed=0)
+    with pytest.raises(ValueError, match=r"line 9.*none of its phonemes \['ə'\]"):
+        only_new("a", where="line 9")
 
 
 def test_a_from_text_manifest_line_is_a_transcription_record_without_audio():
