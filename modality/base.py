@@ -177,8 +177,10 @@ class Modality(L.LightningModule, abc.ABC):
         """The identity of an input (e.g. its absolute path): the key of the encoder cache."""
         return ref
 
-    def precompute_cache(self, refs: list[Any]) -> dict[str, int]:
-        """Encode every input once, batched, before training (a plugin with ``cache_dir``); counts by outcome."""
+    def precompute_cache(self, refs: list[Any], device: Any = None) -> dict[str, int]:
+        """Encode every input once, batched, before training (a plugin with ``cache_dir``); counts by outcome.
+        ``device``: the run's accelerator, to encode on. Under torch.distributed every rank calls it with the
+        same refs (tasks.caches), so a plugin may split the work between ranks."""
         return {}
 
     def read_record(self, line: dict, where: str, rng: random.Random) -> dict | None:

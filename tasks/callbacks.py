@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from data.jsonl import dumps
+from data.jsonl import dumps, write_jsonl
 
 
 def batch_size(batch: Any) -> int:
@@ -24,7 +24,11 @@ def batch_size(batch: Any) -> int:
 
 class RunStats(L.Callback):
     """First/last training loss, steps, samples/s and parameter counts. Time spent in evaluations during
-    training (``exclude``, called by PeriodicEval) is not training time: seconds per step count steps only."""
+    training (``exclude``, called by PeriodicEval) is not training time: seconds per step count steps only.
+
+    A resumed run reports its whole history: the losses, samples and training seconds up to the checkpoint travel
+    in it, so ``first_loss`` is the run's first and ``seconds_per_step`` is total training time over total steps.
+    """
 
     def __init__(self) -> None:
         self.losses: list[float] = []
@@ -33,14 +37,21 @@ class RunStats(L.Callback):
         self.seconds = 0.0  # training time of every fit this run's state has seen (a resumed run's included)
         self._before = 0.0
         self._excluded = 0.0
+        self._running = False
 
     def exclude(self, seconds: float) -> None:
         """Take ``seconds`` (an evaluation inside the fit) out of the training time."""
         self._excluded += seconds
 
+    def elapsed(self) -> float:
+        """Training seconds so far: the earlier processes' (carried by the checkpoint) plus this fit's."""
+        if not self._running:
+            return self.seconds
+        return self._before + time.perf_counter() - self.t0 - self._excluded
+
     def state_dict(self) -> dict[str, Any]:
-        """Checkpointed (a resumed run reports its whole history) and handed back by spawned ranks."""
-        return {"losses": list(self.losses), "samples": self.samples, "seconds": self.seconds}
+        """Checkpointed (mid-fit too: the time up to the save) and handed back by spawned ranks."""
+        return {"losses": list(self.losses), "samples": self.samples, "seconds": self.elapsed()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.losses, self.samples = list(state["losses"]), int(state["samples"])
@@ -49,6 +60,7 @@ class RunStats(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.t0 = time.perf_counter()
         self._excluded = 0.0
+        self._running = True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -58,7 +70,8 @@ class RunStats(L.Callback):
         self.samples += batch_size(batch)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.seconds = self._before + time.perf_counter() - self.t0 - self._excluded
+        self.seconds = self.elapsed()
+        self._running = False
 
     def summary(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
         params = list(module.named_parameters())
@@ -94,13 +107,16 @@ class PeriodicEval(L.Callback):
         self.t0 = 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"curve": list(self.curve)}
+        return {"curve": list(self.curve), "eval_seconds": self.eval_seconds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.curve = list(state["curve"])
+        self.eval_seconds = float(state.get("eval_seconds", 0.0))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.t0 = time.perf_counter()
+        if self.path is not None and trainer.is_global_zero and self.path.exists():
+            write_jsonl(self.path, self.curve)  # a resumed run's file: the points after its checkpoint come again
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -122,7 +138,8 @@ class PeriodicEval(L.Callback):
         if not zero:
             self.curve.append({"step": step})
             return
-        point = {"step": step, "train_seconds": round(time.perf_counter() - self.t0, 1), **metrics}
+        seconds = self.stats.elapsed() if self.stats is not None else time.perf_counter() - self.t0
+        point = {"step": step, "train_seconds": round(seconds, 1), **metrics}
         self.curve.append(point)
         if self.path is not None:
             with self.path.open("a", encoding="utf-8") as f:

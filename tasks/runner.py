@@ -20,10 +20,12 @@ from hydra.core.hydra_config import HydraConfig
 from data.jsonl import dumps, write_json
 from llm.lora import LoraSpec
 from llm.tokens import add_placeholder_tokens
+from tasks.caches import PrecomputeCaches, precompute_caches
 from tasks.callbacks import NonFiniteGuard, PeriodicEval, RunStats, StopFile
 from tasks.checkpoint import META_KEY, TrainableOnlyCheckpoint, load_chain, local_path, read_chain, resume_path
 from tasks.evaluate import check_scorable, run_generation
 from tasks.multimodal import MultimodalLM, OptimSpec
+from tasks.resume import AUTO, checkpoint_callbacks, resolve_resume, resume_from, with_atomic_io
 from tasks.stages import StagePolicy
 from tasks.tracking import RunTracking, loggers_for, tracking_callbacks
 
@@ -68,15 +70,14 @@ def stage_policy(cfg: Config) -> StagePolicy:
 
 
 def build_trainer(cfg: Config, out: Path, callbacks: list[L.Callback]) -> L.Trainer:
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.callbacks import RichProgressBar
 
-    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step}", save_last=True,
-                           save_top_k=0, every_n_train_steps=cfg.get("checkpoint_every") or None,
-                           enable_version_counter=False)
+    saving = checkpoint_callbacks(out / "checkpoints", cfg.get("checkpoint_every"), cfg.get("checkpoint_minutes"))
     loggers = loggers_for(cfg)  # logger=csv|tensorboard|wandb|all|[a,b] (tasks.tracking)
-    return instantiate(cfg.trainer, callbacks=[ckpt, RichProgressBar(leave=True), *callbacks,
+    return instantiate(cfg.trainer, callbacks=[*saving, RichProgressBar(leave=True), *callbacks,
                                                *tracking_callbacks(cfg, loggers)],
-                       logger=loggers or False, default_root_dir=str(out))
+                       logger=loggers or False, default_root_dir=str(out),
+                       plugins=with_atomic_io(instantiate(cfg.trainer.get("plugins"))))  # atomic checkpoint files
 
 
 RUNTIME_MODALITY_KEYS = ("d_llm", "target_rms")  # filled from the LLM at run time, never inherited
@@ -235,7 +236,7 @@ def run(cfg: Config) -> dict[str, Any]:
 def _run(cfg: Config) -> dict[str, Any]:
     if cfg.get("init_from"):  # a URL, a missing resume file, a bad on_nonfinite: refused before any work
         local_path("init_from", cfg.init_from)
-    if cfg.get("resume"):
+    if cfg.get("resume") and cfg.resume != AUTO:
         resume_path(cfg.resume)
     guard = NonFiniteGuard(cfg.get("on_nonfinite") or "error")
     out = Path(cfg.paths.output_dir)
@@ -255,8 +256,10 @@ def _run(cfg: Config) -> dict[str, Any]:
     policy, lm, modality, modalities, metas, chain = b.policy, b.lm, b.modality, b.modalities, b.metas, b.chain
     dm, model, objectives, system_prompt, modality_cfg, optim = (b.dm, b.model, b.objectives, b.system_prompt,
                                                                  b.modality_cfg, b.optim)
+    resume = resolve_resume(cfg.get("resume"), out, policy.name, lm.name, list(modalities))  # tasks.resume
     dm.prepare_data()
-    _precompute_caches(dm, modalities)
+    if policy.name == "evaluate" or (cfg.get("eval") or {}).get("before", False):
+        precompute_caches(dm, modalities, splits=("eval",))  # read before fit; the rest in fit's setup (tasks.caches)
     metrics: dict[str, Any] = {"stage": policy.name, "modality": modality.name, "llm": lm.name,
                                "init_from": [str(p) for p in chain], "system_prompt": system_prompt}
     objective_meta = {k: v for o in objectives.values() for k, v in o.meta().items()}
@@ -298,12 +301,12 @@ def _run(cfg: Config) -> dict[str, Any]:
             "modality_cfg": {k: v for k, v in OmegaConf.to_container(modality_cfg, resolve=True).items()
                              if k not in RUNTIME_MODALITY_KEYS}}
     stop = StopFile(out / "STOP")
-    trainer = build_trainer(cfg, out, [stats, TrainableOnlyCheckpoint(meta), stop, guard, *extra])
-    trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("resume"))
-    metrics.update(stats.summary(trainer, model))
-    if stop.stopped_at is not None:  # by <output_dir>/STOP: last.ckpt must hold the step it stopped at
+    trainer = build_trainer(cfg, out, [PrecomputeCaches(dm, modalities), stats, TrainableOnlyCheckpoint(meta), stop,
+                                       guard, *extra])
+    trainer.fit(model, datamodule=dm, ckpt_path=resume_from(trainer, resume))
+    metrics.update(stats.summary(trainer, model), **({"resumed_at": resume.step} if resume else {}))
+    if stop.stopped_at is not None:  # by <output_dir>/STOP (last.ckpt holds that step: tasks.resume.LastCheckpoint)
         metrics["stopped_early_at"] = stop.stopped_at
-        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")
     for cb in extra:
         metrics["curve"] = cb.curve
         metrics["periodic_eval_seconds"] = round(cb.eval_seconds, 2)  # not in train_seconds / seconds_per_step
@@ -346,8 +349,9 @@ def _run_standalone(cfg: Config, out: Path, policy: StagePolicy, batch_size: int
     meta = {"stage": policy.name, "llm": None, "modalities": [modality.name],
             "parent": str(chain[0]) if chain else None, "lora": None}
     stats = RunStats()
+    resume = resolve_resume(cfg.get("resume"), out, policy.name, None, [modality.name])
     trainer = build_trainer(cfg, out, [stats, TrainableOnlyCheckpoint(meta), guard])
-    trainer.fit(modality, datamodule=dm, ckpt_path=cfg.get("resume"))
+    trainer.fit(modality, datamodule=dm, ckpt_path=resume_from(trainer, resume))
     metrics: dict[str, Any] = {"stage": policy.name, "modality": modality.name, "llm": None,
                                "init_from": [str(p) for p in chain], **stats.summary(trainer, modality),
                                **guard.metrics()}
@@ -363,21 +367,6 @@ def _run_standalone(cfg: Config, out: Path, policy: StagePolicy, batch_size: int
         return metrics
     metrics.update(modality.pretrain_report(dm, out))
     return _write_metrics(out, metrics)
-
-
-def _precompute_caches(dm: Any, modalities: dict[str, Any]) -> None:
-    """Encode every clip the run will read once, batched, before training (frozen encoders only)."""
-    for name, m in modalities.items():
-        if dm.skip_bad or not (m.cache_dir and m.encoder_frozen):
-            continue
-        refs = {}
-        for split in ("train", "val", "eval"):
-            for rec in dm.records(split) if dm.files[split] else []:
-                for ref in rec.get(name) or []:
-                    if not isinstance(ref, dict):  # a dict ref is no file (e.g. speech's {"text": ...})
-                        refs[str(m.resolve(ref, rec.get("root")))] = None
-        counts = m.precompute_cache(list(refs))
-        log.info("%s encoder cache: %s", name, counts)
 
 
 def _train_files(cfg: Config) -> list[str]:

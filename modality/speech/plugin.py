@@ -13,19 +13,17 @@ reading real-length outputs gets the words but may not stop: it never saw short 
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from modality.speech.asr.text_reading import PhonemeNoise, TextPhonemes
 from modality.speech.audio import audio_info, load_audio
+from modality.speech.cache import SHARD_BYTES, EncoderCache, WeightsKey, tensor_sha1
 from modality.base import Modality
 from modality.speech.adaptor import SpeechAdaptor, encoder_states
 from modality.speech.logmel import SAMPLE_RATE, log_mel, log_mel_batch, mel_filters, pad_waves
@@ -102,6 +100,11 @@ def compress_mode(value: bool | str | None) -> str | bool:
     raise ValueError(f"ctc_compress must be false, true/'mean' or 'soft', got {value!r}")
 
 
+def _seconds(path: Path) -> float:
+    frames, sr = audio_info(path)  # header only; a missing or bad file raises here, naming it
+    return frames / sr
+
+
 class SpeechModality(Modality):
     """Whisper encoder (frozen) + frame-stacking adaptor; speech refs are audio file paths."""
 
@@ -151,7 +154,8 @@ class SpeechModality(Modality):
         self.register_buffer("mel_fb", mel_filters(self.n_mels), persistent=False)
         self.adaptor = SpeechAdaptor(self.hidden_size, self.d_llm, self.hp.stack, self.hp.hidden, self.hp.adaptor,
                                      self.hp.target_rms, self.hp.layers, self.hp.heads, n_states=len(self.states))
-        self._fingerprint: str | None = None
+        self._weights_key = WeightsKey(self.encoder)
+        self._cache: EncoderCache | None = None
         self.pooled_width = 2 * self.hidden_size * len(self.states)  # the tone heads' input: mean + std of the states
         self.pooled: Tensor | None = None
         _ = self.fingerprint  # now, while the encoder is on the CPU (DataLoader workers may not touch CUDA)
@@ -242,25 +246,37 @@ class SpeechModality(Modality):
                 masked[b, start:start + span] = True
         return masked
 
-    # ------------------------------------------------------------------ encoder-output cache
+    # ------------------------------------------------------------------ encoder-output cache (speech.cache)
     @property
     def fingerprint(self) -> str:
-        """Names the encoder's weights (name + conv1 bytes) so a cache never mixes encoders."""
-        if self._fingerprint is None:
-            h = hashlib.sha1(self.encoder_name.encode())
-            h.update(self.encoder.conv1.weight.detach().float().cpu().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
-        return self._fingerprint
+        """Names the whole encoder (every weight, its architecture) and the featurizer settings, so a cache
+        never mixes encoders or settings; recomputed when a weight is changed in place."""
+        return self._weights_key(self._cache_settings)
 
-    def cache_path(self, path: Path) -> Path:
+    def _cache_settings(self) -> dict:
+        arch = ("d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "num_mel_bins",
+                "max_source_positions", "activation_function", "scale_embedding")
+        return {"kind": "whisper-encoder", "arch": {k: getattr(self.encoder.config, k, None) for k in arch},
+                "sample_rate": SAMPLE_RATE, "mel_fb": tensor_sha1(self.mel_fb), "max_seconds": self.hp.max_seconds,
+                "overlong": self.hp.overlong, "states": list(self.states)}
+
+    @property
+    def cache(self) -> EncoderCache:
+        """The sharded cache under ``cache_dir`` (modality.speech.cache)."""
         if self.cache_dir is None:
             raise ValueError("cache_dir is not set")
-        st = path.stat()
-        key = f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}|{self.fingerprint}|{self.hp.max_seconds}|{self.hp.overlong}"
-        if self.states != (self.encoder.config.encoder_layers,):  # the final state alone keeps its old key
-            key += f"|states={self.states}"
-        digest = hashlib.sha1(key.encode()).hexdigest()
-        return Path(self.cache_dir) / digest[:2] / f"{digest}.safetensors"
+        if self._cache is None or self._cache.root != Path(self.cache_dir):
+            self._cache = EncoderCache(self.cache_dir)
+        return self._cache
+
+    def cache_folder(self) -> Path:
+        """Where this encoder's shards live: one folder per encoder + featurizer key."""
+        return self.cache.store(self.fingerprint).folder
+
+    def cached(self, ref: Any, root: str | None = None) -> bool:
+        """Whether the clip's encoder output is in the cache (verified on reading, not here)."""
+        store = self.cache.store(self.fingerprint)
+        return store.key_of(self.resolve(ref, root)) in store
 
     def load_features(self, ref: Any, root: str | None = None) -> tuple[Tensor, str]:
         """(log-mel, "features"); with ``cache_dir`` set, (cached encoder output [T', K*H], "hidden"); a ``{"text":
@@ -277,55 +293,46 @@ class SpeechModality(Modality):
         path = self.resolve(ref, root)
         if not path.is_file():
             raise ValueError(f"{path}: audio file not found")
-        cp = self.cache_path(path)
-        if cp.is_file():
-            return load_file(str(cp))["hidden"].float(), "hidden"
+        hidden = self.cache.get(self.fingerprint, path)
+        if hidden is not None:
+            return hidden, "hidden"
         p = next(self.encoder.parameters())
         if p.device.type != "cpu" and torch.utils.data.get_worker_info() is not None:
             raise RuntimeError(f"{path}: speech cache miss in a DataLoader worker with the encoder on {p.device}; run SpeechModality.precompute_cache first")
-        feats = self.featurize(self.load(path))
-        with torch.no_grad():
-            hidden, _ = self.encode_frozen(feats[None], torch.ones(1, feats.shape[0], dtype=torch.bool))
-        hidden = hidden[0].float().cpu()
-        self._save_cache(cp, hidden)
+        hidden = self._encode_paths([path])[0].half().float()  # as stored: a hit later returns the same values
+        self.cache.put(self.fingerprint, path, hidden)
         return hidden, "hidden"
 
-    @staticmethod
-    def _save_cache(cp: Path, hidden: Tensor) -> None:
-        cp.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cp.with_suffix(f".{os.getpid()}.tmp")
-        save_file({"hidden": hidden.to(torch.float16).contiguous()}, str(tmp))
-        os.replace(tmp, cp)  # atomic: parallel workers never read half a file
-
     @torch.no_grad()
-    def precompute_cache(self, paths: list, batch_size: int = 16, root: str | None = None, progress: bool = True) -> dict[str, int]:
-        """Encode many clips batched (sorted by length, so little padding) into ``cache_dir``.
-
-        Returns counts {"computed", "cached"}. Bad files raise as in :meth:`load`.
-        """
-        from tqdm.auto import tqdm
-
-        todo = []
-        for ref in paths:
-            path = self.resolve(ref, root)
-            if path.is_file() and self.cache_path(path).is_file():
-                continue
-            frames, sr = audio_info(path)  # header only; a missing/bad file raises here, naming it
-            todo.append((frames / sr, path))
-        todo.sort(key=lambda x: x[0])
+    def _encode_paths(self, paths: list[Path]) -> list[Tensor]:
+        """Clips -> their frozen encoder outputs [T'_i, K*H] (float32, CPU), one padded batch on the encoder's
+        device; each equals the clip encoded alone (``encode_frozen`` masks the padding)."""
         was_training = self.encoder.training
         self.encoder.eval()
-        bar = tqdm(total=len(todo), desc="speech cache", unit="clip", disable=not progress)
-        for i in range(0, len(todo), batch_size):
-            chunk = [p for _, p in todo[i : i + batch_size]]
-            feats, mask = log_mel_batch(*pad_waves([self.load(p) for p in chunk], self.mel_fb.device), self.mel_fb)
-            hidden, lengths = self.encode_frozen(feats, mask)
-            for path, h, n in zip(chunk, hidden.float().cpu(), lengths.tolist()):
-                self._save_cache(self.cache_path(path), h[:n].clone())
-            bar.update(len(chunk))
-        bar.close()
+        device = next(self.encoder.parameters()).device
+        feats, mask = log_mel_batch(*pad_waves([self.load(p) for p in paths], device), self.mel_fb.to(device))
+        hidden, lengths = self.encode_frozen(feats, mask)
         self.encoder.train(was_training)
-        return {"computed": len(todo), "cached": len(paths) - len(todo)}
+        return [h[:n].clone() for h, n in zip(hidden.float().cpu(), lengths.tolist())]
+
+    def precompute_cache(self, paths: list, batch_size: int = 16, root: str | None = None, progress: bool = True,
+                         device: torch.device | str | None = None, shard_bytes: int = SHARD_BYTES) -> dict[str, int]:
+        """Encode every clip not yet cached, batched (sorted by length, so little padding), on ``device`` (the
+        run's accelerator; default where the encoder is), into shards under ``cache_dir``. Under torch.distributed
+        every rank passes the same list, encodes its share once and then reads all (modality.speech.cache).
+
+        Returns counts {"computed", "cached", "damaged", "encoded_here"}. Bad files raise as in :meth:`load`.
+        """
+        resolved = list(dict.fromkeys(self.resolve(ref, root) for ref in paths))
+        key = self.fingerprint  # here, in the main process, before any worker forks
+        home = next(self.encoder.parameters()).device
+        if device is not None:
+            self.encoder.to(device)
+        try:
+            return self.cache.precompute(key, resolved, self._encode_paths, _seconds, batch_size, progress,
+                                         shard_bytes=shard_bytes)
+        finally:
+            self.encoder.to(home)
 
     def extra_repr(self) -> str:
         return f"encoder={self.encoder_name!r}, {asdict(self.hp)}"

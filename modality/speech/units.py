@@ -293,10 +293,12 @@ class SpeechUnitsModality(Modality):
         os.replace(tmp, cp)
         return ids, "features"
 
-    def precompute_cache(self, paths: list, root: str | None = None, progress: bool = True) -> dict[str, int]:
-        """Tokenise every clip once up front (encoder outputs batched first)."""
+    def precompute_cache(self, paths: list, root: str | None = None, progress: bool = True,
+                         device: Any = None) -> dict[str, int]:
+        """Tokenise every clip once up front (encoder outputs batched first, on the CPU: the front end never
+        leaves it). Under torch.distributed every rank calls the front's build, even with nothing to do."""
         todo = [p for p in (self.resolve(r, root) for r in paths) if not (p.is_file() and self._ids_path(p).is_file())]
-        if todo and self.front.cache_dir is not None:
+        if self.front.cache_dir is not None:
             self.front.precompute_cache(todo, progress=progress)
         for p in (self._progress(todo, "speech units") if progress else todo):
             self.load_features(p)

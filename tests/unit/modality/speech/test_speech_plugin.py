@@ -120,8 +120,8 @@ def test_encoder_output_cache(tmp_path: Path) -> None:
         sf.write(tmp_path / f"c{i}.wav", _chirp(sec, seed=i).numpy(), 16000)
         clips.append(f"c{i}.wav")
     stats = m.precompute_cache(clips, batch_size=2, root=str(tmp_path), progress=False)
-    assert stats == {"computed": 3, "cached": 0}
-    assert m.precompute_cache(clips, root=str(tmp_path), progress=False) == {"computed": 0, "cached": 3}
+    assert stats == {"computed": 3, "cached": 0, "damaged": 0, "encoded_here": 3}
+    assert m.precompute_cache(clips, root=str(tmp_path), progress=False)["cached"] == 3
     for ref in clips:
         hidden, kind = m.load_features(ref, root=str(tmp_path))
         assert kind == "hidden" and hidden.dtype == torch.float32
@@ -134,12 +134,12 @@ def test_encoder_output_cache(tmp_path: Path) -> None:
     # a fresh file not yet cached is computed on first use and then read back
     sf.write(tmp_path / "new.wav", _chirp(0.5, seed=9).numpy(), 16000)
     h1, _ = m.load_features("new.wav", root=str(tmp_path))
-    assert m.cache_path(tmp_path / "new.wav").is_file()
+    assert m.cached("new.wav", root=str(tmp_path))
     h2, _ = m.load_features(str(tmp_path / "new.wav"))
     torch.testing.assert_close(h1, h2, atol=2e-3, rtol=2e-3)
     # a different encoder never reads this cache
     other = _make(cache_dir=str(tmp_path / "cache"), tiny={"d_model": 16, "encoder_layers": 1})
-    assert other.cache_path(tmp_path / "new.wav") != m.cache_path(tmp_path / "new.wav")
+    assert other.cache_folder() != m.cache_folder() and not other.cached(tmp_path / "new.wav")
     no_cache = _make()
     assert no_cache.load_features("new.wav", root=str(tmp_path))[1] == "features"
 
@@ -170,7 +170,7 @@ def test_several_encoder_states_side_by_side(tmp_path: Path) -> None:
         torch.testing.assert_close(normed.mean(-1), torch.zeros(normed.shape[:-1]), atol=1e-5, rtol=0)
         assert every.adaptor.norm_states(torch.zeros(1, 2, hk.shape[-1])).abs().sum() == 0
     sf.write(tmp_path / "c.wav", _chirp(0.5).numpy(), 16000)
-    assert every.cache_path(tmp_path / "c.wav") != last.cache_path(tmp_path / "c.wav")
+    assert every.cache_folder() != last.cache_folder()
 
 
 def test_encoder_from_a_local_hf_folder(tmp_path: Path) -> None:

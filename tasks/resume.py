@@ -1,0 +1,245 @@
+"""Checkpoints a long run loses at most minutes of, and resuming one so that its logs read as if it never stopped.
+
+Why: a cluster job is killed at its time limit or pre-empted, and requeued with the same command. Every checkpoint
+is written atomically (a kill mid-write leaves the previous one, never a torn file), last.ckpt is also saved every
+``checkpoint_minutes`` of wall time, ``resume=auto`` picks the run's own newest good checkpoint (or starts fresh,
+saying so), and metrics.csv keeps the rows logged before that checkpoint (Lightning's CSV logger deletes the file).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
+
+from tasks.checkpoint import META_KEY, check_finite, resume_path
+
+log = logging.getLogger(__name__)
+AUTO = "auto"
+TRAINING_KEYS = ("state_dict", "optimizer_states", "loops", "global_step")  # what an exact resume reads
+
+
+def clock() -> float:
+    """The timed checkpoint's clock (tests replace it: no test sleeps for minutes)."""
+    return time.monotonic()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file beside it, flushed to disk, then renames it over the old one.
+
+    Why: Lightning's own save stages the bytes in the system temp folder and copies them into place when that is
+    another filesystem; a job killed during that copy left a truncated last.ckpt, the only checkpoint of the run.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint: storage_options are not supported")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def with_atomic_io(plugins: Any) -> list[Any]:
+    """The trainer's plugins plus AtomicCheckpointIO, unless the config already chose a CheckpointIO."""
+    given = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins] if plugins else []
+    return given if any(isinstance(p, CheckpointIO) for p in given) else [*given, AtomicCheckpointIO()]
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (last.ckpt every ``every_n_train_steps``), which also saves last.ckpt when
+    training ends at a step it did not save at.
+
+    Why: with ``checkpoint_every=3`` a run of 7 steps (or one stopped by a STOP file) ended with last.ckpt at step 6,
+    and the next stage's ``init_from`` read weights one step short. Not after an error: a diverged run has none.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class TimedCheckpoint(Checkpoint):
+    """Saves ``path`` (last.ckpt) after the first optimizer step that ends ``minutes`` or more after the previous
+    save (or the start): a killed run loses at most that much work, whatever ``checkpoint_every`` says.
+
+    A Checkpoint subclass, so Lightning runs it after the other callbacks (the saved run statistics include the
+    step). Only at an optimizer step (not inside gradient accumulation), and rank 0's clock decides for all ranks.
+    """
+
+    def __init__(self, path: str | Path, minutes: float):
+        if not minutes > 0:
+            raise ValueError(f"checkpoint_minutes={minutes}: must be > 0 (null disables the timed checkpoint)")
+        self.path, self.minutes = Path(path), float(minutes)
+        self._since = 0.0
+        self._step = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._since, self._step = clock(), trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self._step or 0 < trainer.max_steps <= trainer.global_step:
+            return  # no optimizer step since the last batch (accumulating gradients), or the end (saved anyway)
+        self._step, now = trainer.global_step, clock()
+        if not trainer.strategy.broadcast(now - self._since >= self.minutes * 60):
+            return
+        trainer.save_checkpoint(self.path)
+        self._since = now
+        _info("step %d: saved %s (every %g min)", trainer.global_step, self.path, self.minutes)
+
+
+class FlushLogs(L.Callback):
+    """Writes every logger's pending rows to disk when a checkpoint is saved, and again at the next batch (the
+    saved step's own row is logged just after the save): a killed run's metrics.csv holds every row up to its
+    last checkpoint, which a resume keeps (``resume_from``)."""
+
+    def __init__(self) -> None:
+        self._pending = False
+
+    def _flush(self, trainer: L.Trainer) -> None:
+        for lg in trainer.loggers:
+            lg.save()
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._flush(trainer)
+        self._pending = True
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._pending:
+            self._flush(trainer)
+            self._pending = False
+
+
+def checkpoint_callbacks(dirpath: Path, every_steps: int | None, minutes: float | None) -> list[L.Callback]:
+    """last.ckpt at the end (and every ``every_steps`` steps, and every ``minutes``), logs flushed at each save."""
+    steps = LastCheckpoint(dirpath=dirpath, filename="step{step}", save_last=True, save_top_k=0,
+                           every_n_train_steps=every_steps or None, enable_version_counter=False)
+    timed = [TimedCheckpoint(dirpath / "last.ckpt", minutes)] if minutes is not None else []
+    return [steps, *timed, FlushLogs()]
+
+
+@dataclass(frozen=True)
+class Resume:
+    """The checkpoint a run continues from and the optimizer step it holds."""
+
+    path: Path
+    step: int
+
+
+def read_resumable(path: Path) -> dict[str, Any]:
+    """``path`` as a complete training checkpoint with finite weights; anything else is a one-line ValueError."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - a truncated, foreign or corrupt file: one line naming it
+        first = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"resume={path}: not a readable checkpoint ({type(e).__name__}: {first})") from None
+    if not isinstance(ckpt, dict) or META_KEY not in ckpt:
+        raise ValueError(f"resume={path}: not an mmlm checkpoint (no '{META_KEY}' metadata)")
+    if missing := [k for k in TRAINING_KEYS if k not in ckpt]:
+        raise ValueError(f"resume={path}: not a training checkpoint (no {', '.join(missing)}; "
+                         f"init_from= starts a new run from weights)")
+    check_finite(ckpt["state_dict"], f"resume={path}")
+    return ckpt
+
+
+def check_own(path: Path, meta: dict[str, Any], stage: str, llm: str | None, modalities: list[str]) -> None:
+    """Refuse another run's checkpoint: its stage, LLM and modalities must be this run's."""
+    if meta.get("stage") != stage:
+        raise ValueError(f"resume={path}: a stage={meta.get('stage')} checkpoint, this run is stage={stage} "
+                         f"(init_from= starts a new stage from it)")
+    if meta.get("llm") != llm:
+        raise ValueError(f"resume={path}: trained with llm={meta.get('llm')}, this run uses llm={llm}")
+    if sorted(meta.get("modalities") or []) != sorted(modalities):
+        raise ValueError(f"resume={path}: trained with modality {meta.get('modalities')}, this run has {modalities}")
+
+
+def resolve_resume(value: str | None, out: Path, stage: str, llm: str | None, modalities: list[str]) -> Resume | None:
+    """``resume=``: null (a fresh run), ``auto`` (``find_own``) or a .ckpt of this run (checked, or refused)."""
+    if not value:
+        return None
+    own = (stage, llm, modalities)
+    if str(value) == AUTO:
+        return find_own(out / "checkpoints", *own)
+    path = resume_path(value)
+    ckpt = read_resumable(path)
+    check_own(path, ckpt[META_KEY], *own)
+    return Resume(path, int(ckpt["global_step"]))
+
+
+def find_own(dirpath: Path, stage: str, llm: str | None, modalities: list[str]) -> Resume | None:
+    """The newest complete checkpoint with finite weights in ``dirpath``, else None (a fresh start, logged).
+
+    A torn or diverged file is skipped (with a log line); another run's checkpoint is refused, not overwritten.
+    """
+    found = sorted(dirpath.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns, reverse=True) if dirpath.is_dir() else []
+    for path in found:
+        try:
+            ckpt = read_resumable(path)
+        except ValueError as e:
+            _info("resume=auto: skipping %s: %s", path, e)
+            continue
+        check_own(path, ckpt[META_KEY], stage, llm, modalities)
+        _info("resume=auto: resuming from %s (step %d)", path, int(ckpt["global_step"]))
+        return Resume(path, int(ckpt["global_step"]))
+    _info("resume=auto: no complete checkpoint in %s; starting fresh", dirpath)
+    return None
+
+
+def _info(msg: str, *args: Any) -> None:
+    if rank_zero_only.rank == 0:
+        log.info(msg, *args)
+
+
+def keep_csv_rows(loggers: list[Logger], step: int) -> int:
+    """Keep each CSV logger's metrics.csv rows logged before ``step`` (the resumed run logs the later ones again);
+    returns how many rows were kept. Call before the trainer first uses its loggers."""
+    kept = 0
+    for lg in loggers if rank_zero_only.rank == 0 else []:
+        if not isinstance(lg, CSVLogger):
+            continue
+        path = Path(lg.log_dir) / "metrics.csv"
+        rows = []
+        if path.is_file():
+            with path.open(newline="", encoding="utf-8") as f:
+                rows = [r for r in csv.DictReader(f) if (r.get("step") or "").isdigit() and int(r["step"]) < step]
+        writer = lg.experiment  # Lightning's CSV writer deletes metrics.csv as it starts: the rows are put back
+        for r in rows:
+            values = {k: v for k, v in r.items() if k not in ("step", None) and v not in ("", None)}
+            writer.log_metrics(values, step=int(r["step"]))
+        lg.save()
+        kept += len(rows)
+    return kept
+
+
+def resume_from(trainer: L.Trainer, resume: Resume | None) -> str | None:
+    """``trainer.fit``'s ckpt_path, after putting back the logged rows the checkpoint's steps wrote."""
+    if resume is None:
+        return None
+    kept = keep_csv_rows(trainer.loggers, resume.step)
+    _info("resume: step %d from %s (%d logged rows kept)", resume.step, resume.path, kept)
+    return str(resume.path)
