@@ -180,11 +180,22 @@ class LexiconDecoder:
 
 
 def read_texts(files: Iterable[str]) -> list[str]:
-    """Distinct transcripts (``text`` fields) of JSONL manifests; missing files are skipped (logged by the caller)."""
+    """Distinct transcripts (``text`` fields) of JSONL manifests or .json record lists (a chain's instruct
+    conversations: records without a ``text`` give none); missing files are skipped (logged by the caller)."""
+    import json
+
     from data.jsonl import read_jsonl
 
-    texts = {row["text"] for f in files if Path(f).is_file() for row in read_jsonl(f)
-             if isinstance(row, dict) and row.get("text")}
+    def rows(f: str) -> list:
+        if Path(f).suffix == ".json":
+            try:
+                got = json.loads(Path(f).read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}: not a JSON list of records ({e})") from None
+            return got if isinstance(got, list) else []
+        return read_jsonl(f)
+
+    texts = {row["text"] for f in files if Path(f).is_file() for row in rows(f) if isinstance(row, dict) and row.get("text")}
     return sorted(texts)
 
 

@@ -211,3 +211,19 @@ def test_llm_reads_the_phonemes_and_joint_decoding_scores_texts_by_their_sound(t
     assert scores[0] > scores[1] and scores[0] > math.log(0.5)
     with pytest.raises(ValueError, match="ctc_compress=soft"):
         ctc(tiny_lm, toy_modality, 1.0, phonemes=classes, phonemizer=ph, compress="mean")(1)
+
+
+def test_lexicon_text_is_read_from_manifests_and_from_json_record_lists(tmp_path):
+    """A chain's train files mix NeMo manifests (.jsonl) with instruct conversations (.json lists): both are read,
+    records without a transcript give none (a .json list read line by line used to fail at its line 1)."""
+    import json
+
+    from modality.speech.asr.lexicon import read_texts
+
+    (tmp_path / "m.jsonl").write_text(json.dumps({"audio_filepath": "a.wav", "text": "Hello there."}) + "\n")
+    (tmp_path / "c.json").write_text(json.dumps([{"id": "x", "conversations": []}, {"id": "y", "text": "Good day."}]))
+    assert read_texts([str(tmp_path / "m.jsonl"), str(tmp_path / "c.json"), str(tmp_path / "gone.jsonl")]) == \
+        ["Good day.", "Hello there."]
+    (tmp_path / "bad.json").write_text("[{")
+    with pytest.raises(ValueError, match="bad.json: not a JSON list"):
+        read_texts([str(tmp_path / "bad.json")])
