@@ -15,7 +15,7 @@ STOCK_TRAIN_TICKERS = [AAPL_2000,AAPL_2013,AMZN_2013,GOOG_2004,GOOG_2013,IBM_200
 STOCK_DATA = data_cache/stock/v3_c256_h20
 STOCK_INSTRUCT_STEPS ?= 150
 
-.PHONY: install apt pip data stock-model speech-model data-long data-wordnet data-wordnet-defs align-long align-phonemes demo test test-fast bench clean
+.PHONY: install apt pip data stock-model speech-model data-long data-text data-wordnet data-wordnet-defs align-long align-phonemes demo test test-fast bench clean
 
 install: apt pip
 
@@ -106,12 +106,14 @@ $(STOCK_MODEL)/README.md: $(STOCK_OUT)/eval_test/metrics.json $(STOCK_OUT)/eval_
 
 # the shipped speech model (models/speech-smollm2-135m): phonemes (the adaptor hears sounds, CTC) -> read (LoRA: the
 # LLM writes the words from soft phonemes) -> tone (heads for gender/pitch/speed/accent on the Whisper states) ->
-# instruct (spoken conversations) -> held-out evaluations -> pack. Each stage is a file target; a killed stage
-# continues with `python train.py ... resume=$(SPEECH_OUT)/<stage>/checkpoints/last.ckpt`. ~2 h on a 2-core CPU.
+# instruct (spoken conversations) -> read_text (LoRA reads noised phonemes of text, no audio) -> instruct2 -> held-out
+# evaluations -> pack. Each stage is a file target; a killed stage
+# continues with `python train.py ... resume=auto paths.output_dir=$(SPEECH_OUT)/<stage>`. ~3.5 h on a 2-core CPU.
 SPEECH_OUT ?= outputs/speech_model
 SPEECH_MODEL ?= models/speech-smollm2-135m
 SPEECH_LONG = data_cache/speech_long
 SPEECH_INSTRUCT_STEPS ?= 200  # the shipped run stopped at 159 (STOP file)
+SPEECH_INSTRUCT2_STEPS ?= 100
 speech-model: $(SPEECH_MODEL)/README.md
 
 $(SPEECH_LONG)/train.jsonl:
@@ -137,15 +139,32 @@ $(SPEECH_OUT)/instruct/metrics.json: $(SPEECH_OUT)/tone/metrics.json data_cache/
 	  data.group_by_length=true data.system_prompt='' eval.before=false \
 	  data.max_eval_samples=120 checkpoint_every=50 paths.output_dir=$(SPEECH_OUT)/instruct
 
+# reading practice on text alone (no audio): LoRA learns to write the words of 80,000 sentences' noised phonemes
+# (modality.speech.asr.text_reading), then a second, short instruct pass so the LLM keeps answering about the voice
+$(SPEECH_OUT)/read_text/metrics.json: $(SPEECH_OUT)/instruct/metrics.json data_cache/speech_text/train.jsonl
+	$(PY) train.py experiment=speech_read_text init_from=$(SPEECH_OUT)/instruct data.batch_size=8 trainer.max_steps=500 \
+	  eval.every_n_steps=250 trainer.val_check_interval=250 checkpoint_every=100 paths.output_dir=$(SPEECH_OUT)/read_text
+
+$(SPEECH_OUT)/instruct2/metrics.json: $(SPEECH_OUT)/read_text/metrics.json
+	$(PY) train.py stage=instruct modality=speech init_from=$(SPEECH_OUT)/read_text modality.cache_dir=data_cache/encoder_cache \
+	  stage.adaptor=false stage.optim.lora_lr=1e-3 trainer.max_steps=$(SPEECH_INSTRUCT2_STEPS) data.batch_size=4 \
+	  data.group_by_length=true data.system_prompt='' eval.before=false \
+	  data.max_eval_samples=120 checkpoint_every=50 paths.output_dir=$(SPEECH_OUT)/instruct2
+
+data-text: data_cache/speech_text/train.jsonl
+
+data_cache/speech_text/train.jsonl:
+	$(PY) -m modality.speech.corpus.build --out data_cache/speech_text --text-train 80000
+
 # transcripts of the 100 held-out clips of every WER table: the LLM's greedy words, and its 4 beams re-scored by the
 # phoneme CTC, with the lexicon decoder's words beside them as a reference
-$(SPEECH_OUT)/eval_asr/metrics.json: $(SPEECH_OUT)/instruct/metrics.json
-	$(PY) train.py stage=evaluate modality=speech init_from=$(SPEECH_OUT)/instruct data.eval_manifest=$(SPEECH_LONG)/eval.jsonl \
+$(SPEECH_OUT)/eval_asr/metrics.json: $(SPEECH_OUT)/instruct2/metrics.json
+	$(PY) train.py stage=evaluate modality=speech init_from=$(SPEECH_OUT)/instruct2 data.eval_manifest=$(SPEECH_LONG)/eval.jsonl \
 	  data.max_eval_samples=100 eval.lexicon.reference=true paths.output_dir=$(SPEECH_OUT)/eval_asr
 
 $(SPEECH_MODEL)/README.md: $(SPEECH_OUT)/eval_asr/metrics.json
-	$(PY) -m tasks.pack $(SPEECH_OUT)/instruct $(SPEECH_MODEL) --name speech-smollm2-135m --notes @$(SPEECH_MODEL)/NOTES.md \
-	  --eval held-out-voices-asr=$(SPEECH_OUT)/eval_asr --eval held-out-voices-instruct=$(SPEECH_OUT)/instruct
+	$(PY) -m tasks.pack $(SPEECH_OUT)/instruct2 $(SPEECH_MODEL) --name speech-smollm2-135m --notes @$(SPEECH_MODEL)/NOTES.md \
+	  --eval held-out-voices-asr=$(SPEECH_OUT)/eval_asr --eval held-out-voices-instruct=$(SPEECH_OUT)/instruct2
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15

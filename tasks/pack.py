@@ -51,7 +51,8 @@ def merged_meta(chain: list[tuple[Path, dict]]) -> dict[str, Any]:
         for k, v in ckpt[META_KEY].items():
             if v is not None and k not in meta:
                 meta[k] = v
-    meta.update(parent=None, stages=[c[META_KEY]["stage"] for _, c in reversed(chain)], packed=True)
+    stages = [s for _, c in reversed(chain) for s in (c[META_KEY].get("stages") or [c[META_KEY]["stage"]])]
+    meta.update(parent=None, stages=stages, packed=True)  # a packed parent brings its own stages
     meta.pop("trainable", None)
     if meta.get("train_files"):  # provenance only; relative to the working directory, so nothing absolute ships
         meta["train_files"] = [os.path.relpath(f) if Path(f).is_absolute() else f for f in meta["train_files"]]
@@ -59,9 +60,20 @@ def merged_meta(chain: list[tuple[Path, dict]]) -> dict[str, Any]:
 
 
 def _run_metrics(ckpt_path: Path) -> dict[str, Any]:
-    run = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    if ckpt_path.is_dir():  # a packed model folder
+        run = ckpt_path
+    else:
+        run = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
     f = run / "metrics.json"
     return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def _stage_rows(path: Path, ckpt: dict) -> list[dict[str, Any]]:
+    """One card row per stage; a packed parent (a model continued and packed again) gives its card's rows."""
+    m = _run_metrics(path)
+    if ckpt[META_KEY].get("packed") and isinstance(m.get("stages"), list):
+        return [dict(s) for s in m["stages"]]
+    return [{"stage": ckpt[META_KEY]["stage"], **m}]
 
 
 def _git_commit() -> str:
@@ -121,7 +133,7 @@ def pack(run: str | Path, out: str | Path, evals: dict[str, str | Path] | None =
         raise ValueError(f"{run}: packed weights are {size:.1f} MB, over the {max_mb} MB limit")
     tmp.replace(out / PACKED_WEIGHTS)
     (out / PACKED_META).write_text(json.dumps(meta, indent=1, default=str))
-    stages = [{"stage": c[META_KEY]["stage"], **_run_metrics(p)} for p, c in reversed(chain)]
+    stages = [s for p, c in reversed(chain) for s in _stage_rows(p, c)]
     ev = {label: json.loads((Path(d) / "metrics.json").read_text()) for label, d in (evals or {}).items()}
     write_json(out / "metrics.json", {"stages": [{k: s.get(k) for k in ("stage",) + CARD_KEYS} for s in stages],
                                       "evaluations": ev, "size_mb": round(size, 3)}, indent=1)  # strict, atomic

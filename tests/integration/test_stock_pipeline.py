@@ -220,6 +220,10 @@ def test_packed_model_moves_and_loads_every_trained_weight_for_evaluate_and_inst
                                                     f"init_from={moved}", "eval.before=false", "data.max_eval_samples=2",
                                                     "data.text_baseline=null", f"paths.output_dir={tmp_path}/more"]))
     assert more["steps"] == 1
+    again = pack(tmp_path / "more", tmp_path / "again", max_mb=None)  # a packed model continued, packed again
+    assert read_checkpoint(again)["mmlm"]["stages"] == ["forecast", "align", "instruct", "instruct"]
+    rows = [r for r in (again / "README.md").read_text().splitlines() if r.startswith(("| forecast |", "| align |", "| instruct |"))]
+    assert [r.split(" | ")[1] for r in rows] == ["12", "4", "3", "1"]  # the parent card's stages, then the new one
     with pytest.raises(ValueError, match="not a readable packed model"):
         (moved / "model.safetensors").write_bytes(b"garbage")
         read_checkpoint(moved.resolve())
