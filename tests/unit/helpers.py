@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import lightning as L
+import torch
+from torch import nn
+
 from data.collate import ConversationCollator
 from data.dataset import ConversationDataset
 from llm.lora import LoraSpec
@@ -41,3 +45,20 @@ def batch_for(model: MultimodalLM, records: list[dict], generate: bool = False) 
     ds = ConversationDataset(records, dict(model.modalities))
     col = ConversationCollator(model.tokenizer, dict(model.modalities), model.placeholder_ids, generate=generate)
     return col([ds[i] for i in range(len(ds))])
+
+
+class TinyLightning(L.LightningModule):
+    """A two-weight LightningModule with a fixed dataset: for callback and checkpoint tests that need a real Trainer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.w(batch).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.randn(64, 2, generator=torch.Generator().manual_seed(0)), batch_size=2)

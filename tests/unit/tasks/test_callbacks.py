@@ -8,21 +8,7 @@ import torch
 from torch import nn
 
 from tasks.callbacks import StopFile
-
-
-class Tiny(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Linear(2, 1)
-
-    def training_step(self, batch, batch_idx):
-        return self.w(batch).pow(2).mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-    def train_dataloader(self):
-        return torch.utils.data.DataLoader(torch.randn(64, 2), batch_size=2)
+from tests.unit.helpers import TinyLightning as Tiny
 
 
 class TouchAt(L.Callback):

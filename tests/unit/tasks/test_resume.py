@@ -14,24 +14,11 @@ from torch import nn
 
 import tasks.resume
 from tasks.callbacks import RunStats
+from tests.unit.helpers import TinyLightning as Tiny
 from tasks.resume import AtomicCheckpointIO, checkpoint_callbacks, find_own, resolve_resume, with_atomic_io
 
 OWN = ("align", "smollm2:tiny", ["speech"])
 
-
-class Tiny(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = nn.Linear(2, 1)
-
-    def training_step(self, batch, batch_idx):
-        return self.w(batch).pow(2).mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-    def train_dataloader(self):
-        return torch.utils.data.DataLoader(torch.randn(64, 2, generator=torch.Generator().manual_seed(0)), batch_size=2)
 
 
 def fit(tmp_path: Path, callbacks: list, max_steps: int, ckpt_path: str | None = None, **kw) -> L.Trainer:
