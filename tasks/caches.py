@@ -29,7 +29,7 @@ def precompute_caches(dm: Any, modalities: dict[str, Any], splits: Iterable[str]
         for split in splits:
             for rec in dm.records(split) if dm.files[split] else []:
                 for ref in rec.get(name) or []:
-                    if not isinstance(ref, dict):  # a dict ref is no file (e.g. speech's {"text": ...})
+                    if not isinstance(ref, dict):  # a dict ref names no file (a plugin's inline input)
                         refs[str(m.resolve(ref, rec.get("root")))] = None
         counts = m.precompute_cache(list(refs), device=device)
         log.info("%s encoder cache (%s): %s", name, "+".join(splits), counts)

@@ -126,8 +126,8 @@ class MultimodalLM(L.LightningModule):
         for objective in self.objectives.values():
             if (rows := objective.symbol_rows(name, symbols, table)) is not None:
                 return rows
-        raise ValueError(f"{name} inputs given as symbols (e.g. text-only phonemes) need an objective that reads them "
-                         f"(a phoneme chain with modality.ctc_compress=soft); this run has {sorted(self.objectives)}")
+        raise ValueError(f"{name} inputs given as symbols need an objective of this run that maps its classes to rows "
+                         f"(Objective.symbol_rows); this run has {sorted(self.objectives)}")
 
     def lm_loss(self, embeds: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
         """Next-token CE, with the LM head run only where there are labels (the head is ~20% of compute).

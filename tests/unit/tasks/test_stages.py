@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from tasks.stages import trainable_names
@@ -69,3 +70,10 @@ def test_a_stage_after_a_lora_stage_keeps_the_lora_layers_frozen(tiny_lm, toy_mo
     names = trainable_names(model)
     assert lora and not any("lora_" in n for n in names)
     assert names and all(n.startswith("modalities.toy.adaptor.") for n in names)
+
+
+def test_inputs_given_as_symbols_without_an_objective_that_embeds_them_are_one_clear_error(tiny_lm, toy_modality):
+    model = build(tiny_lm, toy_modality)
+    table = model.llm.get_input_embeddings().weight
+    with pytest.raises(ValueError, match=r"toy inputs given as symbols need an objective .*this run has \[\]"):
+        model.symbol_rows("toy", torch.zeros(1, 3, 5), table)
