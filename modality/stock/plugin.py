@@ -110,6 +110,7 @@ class StockModality(Modality):
         vol_weight: float = 0.5,
         columns: Mapping[str, str] | None = None,
         reading: bool = True,
+        date_format: str | None = None,
     ) -> None:
         super().__init__()
         # plain Python types (Hydra passes ListConfig/DictConfig) so checkpoints load with weights_only=True
@@ -130,6 +131,7 @@ class StockModality(Modality):
         self.n_tokens, self.d_llm, self.checkpoint = n_tokens, d_llm, checkpoint
         self.lr, self.weight_decay, self.vol_weight = lr, weight_decay, vol_weight
         self.columns = dict(columns) if columns else None
+        self.date_format = date_format or None  # strftime of user CSV dates; None = detected per file
         self.read_signals = reading
         self._facts: tuple[Any, Any] | None = None  # (ref key, (signals, forecast)) of the last window read
         # summary: z-quantiles [H*Q], log vol ratio, log return scale, signals
@@ -197,7 +199,7 @@ class StockModality(Modality):
         src = r["csv"]
         if src != "packaged" and root is not None and not Path(src).is_absolute():
             src = str(Path(root) / src)
-        series = load_source(src, self.columns)
+        series = load_source(src, self.columns, self.date_format)
         key, df = resolve_series(series, r["ticker"], r["end"], source=str(src))
         return window_at(df, r["end"], self.cfg.context + 1, source=f"{src}[{key}]")
 

@@ -28,7 +28,8 @@ from modality.stock.data.text import PLACEHOLDER, QUESTION_TYPES, window_record,
 
 
 def csv_records(source: str | Path, context: int, n_windows: int = 8, columns: Mapping[str, str] | None = None,
-                types: tuple[str, ...] = QUESTION_TYPES, horizon: int | None = None) -> list[dict]:
+                types: tuple[str, ...] = QUESTION_TYPES, horizon: int | None = None,
+                date_format: str | None = None) -> list[dict]:
     """Scoring records for ``n_windows`` evenly spaced windows of every series in ``source``.
 
     Each window gets one record per question type, in type order, so any prefix of
@@ -39,7 +40,7 @@ def csv_records(source: str | Path, context: int, n_windows: int = 8, columns: M
     """
     if n_windows < 1:
         raise ValueError(f"{source}: csv_windows must be >= 1, got {n_windows}")
-    series = load_source(source, columns)
+    series = load_source(source, columns, date_format)
     csv = str(Path(source).resolve())
     records: list[dict] = []
     short: list[str] = []
@@ -128,17 +129,19 @@ class StockConversationDataModule(ConversationDataModule):
 
     def __init__(self, *args: Any, csv: str | None = None, csv_records: str | None = None, csv_windows: int = 8,
                  context: int = 256, horizon: int | None = None, columns: Mapping[str, str] | None = None,
-                 text_baseline: Mapping[str, Any] | None = None, **kwargs: Any):
+                 text_baseline: Mapping[str, Any] | None = None, date_format: str | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.csv, self.csv_out, self.csv_windows, self.context, self.horizon = csv, csv_records, csv_windows, context, horizon
         self.columns = {str(k): str(v) for k, v in columns.items()} if columns else None
+        self.date_format = date_format or None
         self.text_baseline = dict(text_baseline) if text_baseline else None
 
     def prepare_data(self) -> None:
         if self.csv is not None:
             if not self.csv_out:
                 raise ValueError(f"data.csv={self.csv} needs data.csv_records=<where to write its records>")
-            write_records(csv_records(self.csv, self.context, self.csv_windows, self.columns, horizon=self.horizon),
+            write_records(csv_records(self.csv, self.context, self.csv_windows, self.columns, horizon=self.horizon,
+                                      date_format=self.date_format),
                           self.csv_out)
             self.files["eval"] = [str(self.csv_out)]
             self._records.pop("eval", None)

@@ -14,6 +14,8 @@ ticker and picks the series that covers the requested end date.
 
 Prices are split- and dividend-adjusted with ``Adj Close / Close`` when an adjusted
 column exists (bokeh's raw closes contain 2:1 splits that look like -50% days).
+
+A file's delimiter and date format are decided once per file (:mod:`.csvformat`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from data.jsonl import check_utf8
+from modality.stock.data.csvformat import detect_date_format, header_line, parse_dates, sniff_delimiter
 
 OHLCV = ("Open", "High", "Low", "Close", "Volume")
 PRICES = ("Open", "High", "Low", "Close")
@@ -88,14 +91,12 @@ def check_length(n_rows: int, need: int, source: str, what: str) -> None:
 
 
 # --------------------------------------------------------------------------- readers
-def _frame(raw: pd.DataFrame, source: str, date_col: str, cols: Mapping[str, str], adjust: bool) -> pd.DataFrame:
+def _frame(
+    raw: pd.DataFrame, source: str, date_col: str, cols: Mapping[str, str], adjust: bool, date_format: str | None = None
+) -> pd.DataFrame:
     """Canonical columns from a raw string table, with parse errors naming the line."""
     lines = np.asarray(raw.index) + 2  # header is line 1
-    dates = pd.to_datetime(raw[date_col], errors="coerce", format="mixed")
-    bad = np.flatnonzero(dates.isna().to_numpy())
-    if len(bad):
-        i = bad[0]
-        raise _fail(source, int(lines[i]), f"unparsable date {raw[date_col].iloc[i]!r}")
+    dates = parse_dates(raw[date_col], lines, source, date_format)
     out = {}
     for canon, name in cols.items():
         text = raw[name].fillna("").str.strip()
@@ -124,17 +125,21 @@ def read_csv(
     path: str | Path,
     columns: Mapping[str, str] | None = None,
     adjust: bool = True,
+    date_format: str | None = None,
 ) -> pd.DataFrame:
     """Read one OHLCV CSV (Yahoo style ``Date,Open,High,Low,Close,Adj Close,Volume``).
 
     ``columns`` maps canonical names (``Date``, ``Open`` .. ``Volume``, ``Adj Close``) to the
     file's own header names; unmapped canonical names match case-insensitively. With
     ``adjust`` and an ``Adj Close`` column, OHLC are scaled by ``Adj Close / Close``.
+    The delimiter (``,;\t|``) is sniffed from the header; ``date_format`` (strftime) is the
+    dates' format, ``None`` = the one known format that reads every date of the file.
     """
     path = Path(path)
     source = str(path)
+    sep = sniff_delimiter(header_line(path))
     try:
-        raw = pd.read_csv(path, dtype=str, skipinitialspace=True)
+        raw = pd.read_csv(path, dtype=str, skipinitialspace=True, sep=sep)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         if isinstance(e, UnicodeDecodeError):
             check_utf8(path)  # raises naming the line and byte (pandas names neither)
@@ -156,22 +161,23 @@ def read_csv(
     missing = [c for c in ("Date",) + OHLCV if c not in names]
     if missing:
         hint = f" (columns= maps {missing[0]} to your header name)"
-        raise _fail(source, None, f"missing column(s) {missing}; have {list(raw.columns)}{hint}")
+        raise _fail(source, None, f"missing column(s) {missing}; header read with delimiter {sep!r}: {list(raw.columns)}{hint}")
     cols = {c: n for c, n in names.items() if c != "Date"}
-    return _frame(raw, source, names["Date"], cols, adjust)
+    return _frame(raw, source, names["Date"], cols, adjust, date_format)
 
 
 def read_folder(
     folder: str | Path,
     columns: Mapping[str, str] | None = None,
     adjust: bool = True,
+    date_format: str | None = None,
 ) -> dict[str, pd.DataFrame]:
-    """Read every ``*.csv`` in a folder: one ticker per file, ticker = file stem."""
+    """Read every ``*.csv`` in a folder: one ticker per file, ticker = file stem (formats decided per file)."""
     folder = Path(folder)
     files = sorted(folder.glob("*.csv"))
     if not files:
         raise _fail(str(folder), None, "no *.csv files in folder")
-    return {f.stem: read_csv(f, columns, adjust) for f in files}
+    return {f.stem: read_csv(f, columns, adjust, date_format) for f in files}
 
 
 def _package_dir(name: str) -> Path:
@@ -182,10 +188,11 @@ def _package_dir(name: str) -> Path:
 
 
 def _split_long(raw: pd.DataFrame, source: str, key: str, date: str, names: dict[str, str]) -> dict[str, pd.DataFrame]:
+    fmt = detect_date_format(raw[date], np.asarray(raw.index) + 2, source)  # once per file, not per ticker
     out = {}
     for ticker, rows in raw.groupby(key, sort=True):
         sub = rows.sort_values(date, kind="stable")  # lines keep their file position via the index
-        df = _frame(sub, f"{source}[{ticker}]", date, names, adjust=True)
+        df = _frame(sub, f"{source}[{ticker}]", date, names, adjust=True, date_format=fmt)
         out[f"{ticker}_{df.index[0].year}"] = df
     return out
 
@@ -214,21 +221,28 @@ def load_packaged() -> dict[str, pd.DataFrame]:
 
 
 @functools.lru_cache(maxsize=16)
-def _load_source_cached(source: str, columns: tuple[tuple[str, str], ...]) -> tuple[tuple[str, pd.DataFrame], ...]:
+def _load_source_cached(
+    source: str, columns: tuple[tuple[str, str], ...], date_format: str | None = None
+) -> tuple[tuple[str, pd.DataFrame], ...]:
     if source == "packaged":
         return _load_packaged_cached()
     path = Path(source)
     if path.is_dir():
-        return tuple(read_folder(path, dict(columns)).items())
+        return tuple(read_folder(path, dict(columns), date_format=date_format).items())
     if path.is_file():
-        return ((path.stem, read_csv(path, dict(columns))),)
+        return ((path.stem, read_csv(path, dict(columns), date_format=date_format)),)
     raise _fail(source, None, "no such file or folder (expected 'packaged', a CSV file or a folder of CSVs)")
 
 
-def load_source(source: str | Path, columns: Mapping[str, str] | None = None) -> dict[str, pd.DataFrame]:
-    """``"packaged"``, a CSV file or a folder of CSVs -> {ticker: series}. Cached per process."""
+def load_source(
+    source: str | Path, columns: Mapping[str, str] | None = None, date_format: str | None = None
+) -> dict[str, pd.DataFrame]:
+    """``"packaged"``, a CSV file or a folder of CSVs -> {ticker: series}. Cached per process.
+
+    ``columns`` and ``date_format`` apply to user CSVs (see :func:`read_csv`), not to packaged data.
+    """
     src = "packaged" if str(source) == "packaged" else str(Path(source).resolve())
-    return dict(_load_source_cached(src, tuple(sorted((columns or {}).items()))))
+    return dict(_load_source_cached(src, tuple(sorted((columns or {}).items())), date_format or None))
 
 
 def resolve_series(

@@ -225,6 +225,7 @@ def build_records(
     tickers: list[str] | None = None,
     exclude: list[str] | None = None,
     forecast: bool = True,
+    date_format: str | None = None,
 ) -> list[dict]:
     """``n`` records over windows of ``split`` (series too short for the splits are skipped).
 
@@ -238,7 +239,7 @@ def build_records(
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     types = ALL_TYPES if forecast else QUESTION_TYPES
-    series = load_source(source, columns)
+    series = load_source(source, columns, date_format)
     if tickers:
         missing = sorted(set(tickers) - set(series))
         if missing:

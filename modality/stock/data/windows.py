@@ -119,6 +119,7 @@ class StockForecastDataModule(L.LightningDataModule):
         eval_stride: int | None = None,
         tickers: Sequence[str] | None = None,
         columns: Mapping[str, str] | None = None,
+        date_format: str | None = None,
     ) -> None:
         super().__init__()
         self.source, self.context, self.horizon = str(source), context, horizon
@@ -127,12 +128,13 @@ class StockForecastDataModule(L.LightningDataModule):
         self.stride, self.eval_stride = stride, eval_stride or horizon
         self.tickers = list(tickers) if tickers else None
         self.columns = dict(columns) if columns else None
+        self.date_format = date_format or None
         self.skipped: list[str] = []
         self.datasets: dict[str, StockWindows] = {}
 
     def series(self) -> dict[str, pd.DataFrame]:
         """The usable series (after ticker selection and length filtering)."""
-        all_series = load_source(self.source, self.columns)
+        all_series = load_source(self.source, self.columns, self.date_format)
         if self.tickers:
             unknown = [t for t in self.tickers if t not in all_series]
             if unknown:
