@@ -67,6 +67,31 @@ def trim_repeats(text: str, min_copies: int = 3, max_period: int = 8) -> str:
     return text if best == len(words) else "".join(words[:best]).strip(" -\t\n")
 
 
+def is_agreement_type(type_: str) -> bool:
+    """A free-form answer type ("qa", "<kind>_qa"): scored by agreement with a reference answer (ROUGE-L F1 and
+    exact match), not by containment. Why: a spoken question's target is the LLM's own answer to it typed (behaviour
+    alignment), a sentence or two; no single span in it is "the" answer."""
+    return type_ == "qa" or type_.endswith("_qa")
+
+
+def rouge_l(reference: str, prediction: str) -> float:
+    """ROUGE-L F1 over normalised words: the longest common subsequence, as precision and recall's harmonic mean."""
+    ref, hyp = normalize(reference), normalize(prediction)
+    if not ref or not hyp:
+        return float(ref == hyp)
+    prev = [0] * (len(hyp) + 1)
+    for r in ref:
+        cur = [0]
+        for j, h in enumerate(hyp, 1):
+            cur.append(prev[j - 1] + 1 if r == h else max(prev[j], cur[j - 1]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, rc = lcs / len(hyp), lcs / len(ref)
+    return 2 * p * rc / (p + rc)
+
+
 def answer_correct(reference: str, prediction: str) -> bool:
     """The reference's words appear, in order and contiguous, in the prediction."""
     ref, hyp = normalize(reference), normalize(prediction)
@@ -120,8 +145,9 @@ def check_scorable(records: list[dict]) -> None:
 
 
 def score(types: list[str], refs: list[str], preds: list[str], ids: list[str] | None = None) -> dict[str, float]:
-    """WER over transcript-type samples; accuracy per other question type and overall. A sample ``unscorable``
-    refuses raises ValueError naming it (``ids``, else its index)."""
+    """WER over transcript-type samples; ROUGE-L F1 and exact match per agreement type (``is_agreement_type``) and
+    over all of them (``rouge_l``, ``exact``); accuracy per other question type and overall (agreement types are
+    not in it). A sample ``unscorable`` refuses raises ValueError naming it (``ids``, else its index)."""
     by_type: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for i, (t, r, p) in enumerate(zip(types, refs, preds)):
         if (why := unscorable(ids[i] if ids else f"sample {i}", t, r)) is not None:
@@ -131,9 +157,17 @@ def score(types: list[str], refs: list[str], preds: list[str], ids: list[str] | 
     wer_pairs = [rp for t in WER_TYPES for rp in by_type.get(t, [])]
     if wer_pairs:
         out["wer"] = round(wer([r for r, _ in wer_pairs], [p for _, p in wer_pairs]), 4)
+    agree = [(t, r, p) for t, pairs in sorted(by_type.items()) if is_agreement_type(t) for r, p in pairs]
+    for t in sorted({t for t, _, _ in agree}):
+        pairs = by_type[t]
+        out[f"rouge_l/{t}"] = round(sum(rouge_l(r, p) for r, p in pairs) / len(pairs), 4)
+        out[f"exact/{t}"] = round(sum(normalize(r) == normalize(p) for r, p in pairs) / len(pairs), 4)
+    if agree:
+        out["rouge_l"] = round(sum(rouge_l(r, p) for _, r, p in agree) / len(agree), 4)
+        out["exact"] = round(sum(normalize(r) == normalize(p) for _, r, p in agree) / len(agree), 4)
     acc_total = acc_n = 0
     for t, pairs in sorted(by_type.items()):
-        if t in WER_TYPES:
+        if t in WER_TYPES or is_agreement_type(t):
             continue
         judge = interval_covers if t.endswith("_band") else answer_correct
         hits = sum(judge(r, p) for r, p in pairs)

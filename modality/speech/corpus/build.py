@@ -15,6 +15,12 @@ training voices, extra training text for the long alignment recipe.
     python -m modality.speech.corpus.build --out data_cache/speech_text --text-train 60000
 
 writes only train.jsonl of text-only lines (no audio): reading practice for the LLM (asr.text_reading).
+
+    python -m modality.speech.corpus.build --out data_cache/speech_qa --questions 2000 --n-qa-eval 200 --qa-text 8000 --jobs 1
+
+writes only the spoken-question data (modality.speech.corpus.questions): questions.jsonl, qa_train_text.json
+(text-only speech refs), qa_train.json + qa_train_clips.jsonl (training voices), qa_eval.json + qa_eval_clips.jsonl
+(held-out questions, held-out voices); the targets are the base LLM's own answers to the typed questions.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from modality.speech.corpus.conversations import (
     make_problem,
 )
 from data.jsonl import read_jsonl
+from modality.speech.corpus import questions as Q
 from modality.speech.corpus.tts import (
     build_corpus,
     plan_split,
@@ -114,6 +121,43 @@ def build_instruct(out: Path, n_train: int, n_eval: int, jobs: int, seed: int) -
     return stats
 
 
+def build_qa(out: Path, n_audio: int, n_eval: int, n_text: int, jobs: int, seed: int, sources: Path | None = None,
+             llm: str = "smollm2-135m-instruct", max_new_tokens: int = 48, batch_size: int = 16) -> dict:
+    """Spoken questions whose targets are the LLM's typed answers; only the questions used are answered."""
+    wheels = Q.ensure_wheels(sources or out / "sources")
+    questions, read = Q.load_questions(wheels, seed=seed)
+    cache = out / "typed_answers.jsonl"
+
+    def answer(texts: list[str]) -> list[str]:
+        return Q.typed_answers(texts, llm_name=llm, max_new_tokens=max_new_tokens, batch_size=batch_size, cache_path=cache)
+
+    train, empty_train = Q.answered(Q.ordered(questions, "train", seed), max(n_text, n_audio), answer)
+    evals, empty_eval = Q.answered(Q.ordered(questions, "eval", seed), n_eval, answer)
+    answers = {q.id: a for q, a in train + evals}
+    write_manifest(out / "questions.jsonl", (Q.question_row(q, answers.get(q.id)) for q in questions))
+    write_records(out / "qa_train_text.json", [Q.qa_record(q, a, {"text": q.question}, f"qa-text-{q.id}") for q, a in train[:n_text]])
+    stats: dict = {"failed": 0, "errors": [], "empty": empty_train + empty_eval, "read": read, "text": min(n_text, len(train)),
+                   "pool": collections.Counter((q.source, q.split) for q in questions), "used": collections.Counter()}
+    rows_all: list[dict] = []
+    for split, pairs in (("train", train[:n_audio]), ("eval", evals)):
+        voices, variants = split_voices()[split]
+        specs = [sample_spec(q.question, random.Random(f"{seed}:qa:{split}:{i}"), voices, variants) for i, (q, _) in enumerate(pairs)]
+        rows, errors = render(specs, out, f"wavs/qa/{split}", split, jobs, extras=[{"qid": q.id, "source": q.source} for q, _ in pairs],
+                              previous=out / f"qa_{split}_clips.jsonl")
+        write_manifest(out / f"qa_{split}_clips.jsonl", rows)
+        by_id = {q.id: (q, a) for q, a in pairs}
+        records = [Q.qa_record(*by_id[r["qid"]], r["audio_filepath"], f"qa-{split}-{r['qid']}") for r in rows]
+        write_records(out / f"qa_{split}.json", records)
+        stats[split] = len(records)
+        stats["failed"] += len(errors)
+        stats["errors"] += errors[:3]
+        stats["used"].update((q.source, split) for q, _ in pairs)
+        rows_all += rows
+    stats["used"].update((q.source, "text") for q, _ in train[:n_text])
+    stats["pruned"] = prune(out, "wavs/qa", rows_all)
+    return stats
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("data_cache/speech"))
@@ -129,6 +173,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="write ONLY a train.jsonl of N text-only transcription lines (no audio; reading practice)")
     p.add_argument("--wordnet-part", choices=("examples", "definitions"), default="examples",
                    help="with --wordnet-train: the glosses' example sentences or their definitions")
+    p.add_argument("--questions", type=int, default=0, metavar="N",
+                   help="build ONLY the spoken-question data, N training clips (see modality.speech.corpus.questions)")
+    p.add_argument("--qa-text", type=int, default=0, metavar="N", help="with --questions: N text-only training questions")
+    p.add_argument("--n-qa-eval", type=int, default=200, metavar="N", help="with --questions: N held-out spoken questions")
+    p.add_argument("--qa-llm", default="smollm2-135m-instruct", help="the LLM whose typed answers are the targets")
+    p.add_argument("--qa-max-new-tokens", type=int, default=48)
+    p.add_argument("--qa-batch-size", type=int, default=16)
+    p.add_argument("--sources", type=Path, default=None, help="folder with the source wheels (default <out>/sources)")
     return p.parse_args(argv)
 
 
@@ -137,6 +189,21 @@ def main(argv: list[str] | None = None) -> int:
     n_eval = args.n_instruct_eval if args.n_instruct_eval is not None else max(1, args.n_instruct // 4)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if args.questions or args.qa_text:
+        qa = build_qa(args.out, args.questions, args.n_qa_eval, args.qa_text, args.jobs, args.seed, args.sources,
+                      args.qa_llm, args.qa_max_new_tokens, args.qa_batch_size)
+        for name, c in qa["read"].items():
+            print(f"  {name:14s} read {c['read']}, kept {c['kept']}, unspeakable {c['unspeakable']}, duplicate {c['duplicate']}")
+        for name in qa["read"]:
+            pool, used = qa["pool"], qa["used"]
+            print(f"  {name:14s} pool train {pool[name, 'train']} / eval {pool[name, 'eval']}; "
+                  f"used text {used[name, 'text']}, train audio {used[name, 'train']}, eval audio {used[name, 'eval']}")
+        print(f"spoken QA: {qa['text']} text-only, {qa['train']} train clips, {qa['eval']} eval clips; "
+              f"{qa['empty']} empty answers dropped, {qa['failed']} skipped (espeak failed), {qa['pruned']} stale removed, "
+              f"{time.perf_counter() - t0:.1f}s")
+        for e in qa["errors"]:
+            print(f"  skipped: {e}", file=sys.stderr)
+        return 0
     if args.text_train:
         got = build_text_train(args.out, args.text_train, args.seed)
         print(f"text-only train: {got['train']} lines of {got['sentences']} sentences, {time.perf_counter() - t0:.1f}s")

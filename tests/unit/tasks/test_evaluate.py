@@ -39,3 +39,24 @@ def test_run_generation_scores_trimmed_predictions_and_keeps_the_raw_ones(tmp_pa
     assert "raw_prediction" not in rows[1]
 
 
+
+
+def test_rouge_l_is_the_lcs_f1_over_normalised_words():
+    from tasks.evaluate import rouge_l
+
+    assert rouge_l("The capital of France is Paris.", "the capital of france is paris") == 1.0
+    # LCS "the capital is paris" = 4 of 6 reference words and 4 of 5 predicted: F1 = 2 * (4/5 * 4/6) / (4/5 + 4/6)
+    assert abs(rouge_l("the capital of france is paris", "the capital city is paris") - 2 * (0.8 * 4 / 6) / (0.8 + 4 / 6)) < 1e-9
+    assert rouge_l("paris", "london") == 0.0
+    assert rouge_l("b a", "a b") == 0.5  # order matters: a subsequence, not a bag of words
+    assert rouge_l("", "") == 1.0 and rouge_l("a", "") == 0.0
+
+
+def test_free_form_answers_are_scored_by_agreement_apart_from_accuracy():
+    from tasks.evaluate import score
+
+    m = score(["spoken_qa", "spoken_qa", "gender"], ["Paris is the capital.", "Yes it is", "male"],
+              ["paris is the capital", "No", "a male voice"])
+    assert m["exact/spoken_qa"] == 0.5 and m["exact"] == 0.5
+    assert m["rouge_l/spoken_qa"] == 0.5 and m["rouge_l"] == 0.5  # (1.0 + 0.0) / 2
+    assert m["accuracy"] == 1.0 and "accuracy/spoken_qa" not in m  # the containment accuracy is the other types' alone
