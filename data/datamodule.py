@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from data.collate import ConversationCollator
 from data.dataset import ConversationDataset
 from data.records import read_records
-from data.samplers import LengthGroupedSampler, record_length
+from data.samplers import LengthGroupedSampler, input_group, record_length
 
 
 def _as_list(files: str | list[str] | None) -> list[str]:
@@ -79,8 +79,11 @@ class ConversationDataModule(L.LightningDataModule):
                                        self.max_length, generate=generate)
         bs = self.eval_batch_size if generate or split != "train" else self.batch_size
         sampler = None
-        if shuffle and self.group_by_length:  # similar lengths per batch: less padding (data/samplers.py)
-            sampler = LengthGroupedSampler([record_length(r) for r in self.records(split)], bs, self.seed)
+        groups = [input_group(r, list(self.modalities)) for r in self.records(split)]
+        if shuffle and (self.group_by_length or len(set(groups)) > 1):
+            # similar lengths per batch: less padding; and clips never batched with inputs given as text
+            lengths = [record_length(r) if self.group_by_length else 0.0 for r in self.records(split)]
+            sampler = LengthGroupedSampler(lengths, bs, self.seed, groups=groups)
             shuffle = False
         return DataLoader(ds, batch_size=bs, shuffle=shuffle, sampler=sampler, collate_fn=collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)

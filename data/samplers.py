@@ -5,12 +5,18 @@ batch that mixes a 2 s clip with a 6 s one pays for 6 s eight times. As in HF Tr
 ``group_by_length``: shuffle, cut into mega-batches of ``mega`` batches, sort each mega-batch
 by length (longest first, so an out-of-memory shows at once), then shuffle the batch order.
 Randomness stays (which samples meet, and batch order); padding mostly goes.
+
+``groups`` keeps records that give a modality different kinds of input apart: a clip and a transcript given as
+text (reading practice) are read by different paths in one forward, and the collator refuses a batch that mixes
+them. Every batch then holds one group; a group's last short batch is filled with random repeats from the same
+group (as DistributedSampler pads), so every sample is drawn each epoch and the DataLoader's cut every
+``batch_size`` indices never straddles two groups.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 
 from torch.utils.data import Sampler
 
@@ -29,13 +35,23 @@ def record_length(rec: dict, tokens_per_second: float = TOKENS_PER_SECOND) -> fl
     return chars / 4 + tokens_per_second * seconds
 
 
-class LengthGroupedSampler(Sampler[int]):
-    """Yields indices so that consecutive ``batch_size`` of them have similar lengths."""
+def input_group(rec: dict, modalities: Sequence[str]) -> tuple:
+    """Which kind of reference a record gives each modality: a file (a path string) or a mapping (e.g. a transcript
+    as text, ``{"text": ...}``, standing in for a clip). Records of different groups must not share a batch."""
+    return tuple(sorted({(name, isinstance(ref, Mapping)) for name in modalities for ref in rec.get(name) or []}))
 
-    def __init__(self, lengths: Sequence[float], batch_size: int, seed: int = 0, mega: int = 50):
+
+class LengthGroupedSampler(Sampler[int]):
+    """Yields indices so that consecutive ``batch_size`` of them have similar lengths (and one ``groups`` key)."""
+
+    def __init__(self, lengths: Sequence[float], batch_size: int, seed: int = 0, mega: int = 50,
+                 groups: Sequence[Hashable] | None = None):
         if batch_size < 1 or mega < 1:
             raise ValueError(f"batch_size ({batch_size}) and mega ({mega}) must be >= 1")
+        if groups is not None and len(groups) != len(lengths):
+            raise ValueError(f"groups ({len(groups)}) and lengths ({len(lengths)}) differ in count")
         self.lengths, self.batch_size, self.seed, self.mega = list(lengths), batch_size, seed, mega
+        self.groups = list(groups) if groups is not None and len(set(groups)) > 1 else None
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -43,10 +59,16 @@ class LengthGroupedSampler(Sampler[int]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        if self.groups is None:
+            return len(self.lengths)
+        sizes = [self.groups.count(g) for g in dict.fromkeys(self.groups)]
+        return sum(-(-n // self.batch_size) * self.batch_size for n in sizes)
 
     def __iter__(self) -> Iterator[int]:
         rng = random.Random(self.seed + self.epoch)
+        if self.groups is not None:
+            yield from self._grouped(rng)
+            return
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
         size = self.mega * self.batch_size
@@ -63,4 +85,22 @@ class LengthGroupedSampler(Sampler[int]):
             k = max(range(len(full)), key=lambda b: self.lengths[full[b][0]])
             full.insert(0, full.pop(k))
         for batch in full + tail:
+            yield from batch
+
+    def _grouped(self, rng: random.Random) -> Iterator[int]:
+        """Batches built within each group (each padded to full size by repeats), then shuffled together."""
+        members: dict[Hashable, list[int]] = {}
+        for i, g in enumerate(self.groups):
+            members.setdefault(g, []).append(i)
+        batches: list[list[int]] = []
+        size = self.mega * self.batch_size
+        for idx in members.values():
+            rng.shuffle(idx)
+            short = -len(idx) % self.batch_size
+            idx = idx + [rng.choice(idx) for _ in range(short)]  # the group's last batch filled by repeats
+            for start in range(0, len(idx), size):
+                chunk = sorted(idx[start:start + size], key=lambda i: -self.lengths[i])
+                batches += [chunk[j:j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
+        rng.shuffle(batches)
+        for batch in batches:
             yield from batch

@@ -65,3 +65,28 @@ def test_datamodule_groups_training_batches_by_manifest_duration(tmp_path):
     assert spread(batches, durs) < 1.0  # seconds within a batch (random batches: ~5)
     plain = ConversationDataModule(None, {}, {}, train_files=str(tmp_path / "train.jsonl"), batch_size=8)
     assert not isinstance(plain.train_dataloader().sampler, LengthGroupedSampler)
+
+
+def test_groups_never_share_a_batch_and_every_sample_is_drawn():
+    from data.samplers import LengthGroupedSampler, input_group
+
+    recs = [{"speech": ["a.wav"]}] * 7 + [{"speech": [{"text": "hi"}]}] * 5 + [{"conversations": []}] * 2
+    groups = [input_group(r, ["speech"]) for r in recs]
+    assert len(set(groups)) == 3  # clip, text-given, no input
+    s = LengthGroupedSampler([float(i % 4) for i in range(len(recs))], batch_size=3, seed=1, mega=2, groups=groups)
+    for epoch in range(3):
+        s.set_epoch(epoch)
+        order = list(s)
+        assert len(order) == len(s) == 9 + 6 + 3  # each group padded up to whole batches by repeats
+        batches = [order[i:i + 3] for i in range(0, len(order), 3)]
+        assert all(len({groups[i] for i in b}) == 1 for b in batches), batches
+        assert set(order) == set(range(len(recs)))  # nothing left out
+
+
+def test_one_group_samples_as_before():
+    from data.samplers import LengthGroupedSampler
+
+    lengths = [float(i) for i in range(20)]
+    a = list(LengthGroupedSampler(lengths, 4, seed=3))
+    b = list(LengthGroupedSampler(lengths, 4, seed=3, groups=[("speech", False)] * 20))
+    assert a == b and sorted(a) == list(range(20))
