@@ -3,11 +3,16 @@
 Each checkpoint carries ``ckpt["mmlm"] = {stage, llm, modalities, parent}``; ``parent`` is the
 checkpoint it was initialised from. Loading walks that chain, so an instruct run gets the
 encoder a standalone stage pretrained, the adaptor (align) and its own LoRA, each from where it trained.
+
+``parent`` is stored relative to the checkpoint's own folder (older checkpoints: absolute), with the absolute
+path beside it (``PARENT_AT``, outside the metadata a packed folder ships): a chain moved or copied as one folder
+tree still loads, and so does one run directory moved alone while its parents stay put.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,7 @@ from torch import nn
 
 META_KEY = "mmlm"
 PACKED_WEIGHTS, PACKED_META = "model.safetensors", "mmlm.json"  # a packed model folder (tasks.pack)
+PARENT_AT = "mmlm_parent_at"  # top-level key: the parent's absolute path when saved (the fallback for a run moved alone)
 
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -82,15 +88,52 @@ def read_checkpoint(path: Path) -> dict:
 
 
 class TrainableOnlyCheckpoint(L.Callback):
-    """Strips frozen weights from every saved checkpoint and stamps provenance metadata."""
+    """Strips frozen weights from every saved checkpoint and stamps provenance metadata.
 
-    def __init__(self, meta: dict[str, Any]):
+    ``folder``: where the checkpoints are saved; given, ``meta["parent"]`` is written relative to it (so the chain
+    can move as one tree) and its absolute path under ``PARENT_AT``.
+    """
+
+    def __init__(self, meta: dict[str, Any], folder: str | Path | None = None):
         self.meta = dict(meta)
+        self.folder = Path(folder) if folder is not None else None
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         keep = {n for n, p in pl_module.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint[META_KEY] = dict(self.meta, trainable=sorted(keep))
+        meta = dict(self.meta, trainable=sorted(keep))
+        if self.folder is not None and meta.get("parent"):
+            checkpoint[PARENT_AT] = str(Path(meta["parent"]).resolve())
+            meta["parent"] = relative_parent(meta["parent"], self.folder)
+        checkpoint[META_KEY] = meta
+
+
+def relative_parent(parent: str | Path, folder: str | Path) -> str:
+    """``parent`` relative to ``folder`` (both resolved: a symlinked outputs/ gives a path that still walks right);
+    the absolute path where none exists (another drive)."""
+    try:
+        return os.path.relpath(Path(parent).resolve(), Path(folder).resolve())
+    except ValueError:
+        return str(Path(parent).resolve())
+
+
+def parent_of(path: Path, ckpt: dict) -> Path | None:
+    """The checkpoint ``path`` was initialised from, or None. Tried in turn: the recorded ``parent`` (relative to
+    ``path``'s folder, or an old absolute entry), then where it was when saved (``PARENT_AT``); none existing is
+    one line naming the missing parent and ``path``."""
+    parent = ckpt[META_KEY].get("parent")
+    if not parent:
+        return None
+    folder = path if path.is_dir() else path.parent  # a packed folder is its own folder
+    tried = [Path(os.path.normpath(folder / parent))]  # an old absolute entry stays as it is
+    if ckpt.get(PARENT_AT):
+        tried.append(Path(ckpt[PARENT_AT]))
+    for cand in tried:
+        if cand.exists():
+            return cand.resolve()
+    raise ValueError(f"{path}: its parent checkpoint {parent} is missing (looked for "
+                     f"{', '.join(str(c) for c in dict.fromkeys(tried))}); put it back, move a chain as one folder tree, or "
+                     f"make a run self-contained before moving it: python -m tasks.pack <run> <folder>")
 
 
 def read_chain(path: str | Path) -> list[tuple[Path, dict]]:
@@ -98,14 +141,34 @@ def read_chain(path: str | Path) -> list[tuple[Path, dict]]:
     chain: list[tuple[Path, dict]] = []
     p: Path | None = resolve_checkpoint(path)
     while p is not None:
+        if any(p == q for q, _ in chain):  # a hand-edited parent pointing back: would loop forever
+            raise ValueError(f"{chain[-1][0]}: its parent chain loops back to {p}")
         ckpt = read_checkpoint(p)
         check_finite(ckpt["state_dict"], p)
         chain.append((p, ckpt))
-        parent = ckpt[META_KEY].get("parent")
-        if parent and not Path(parent).exists():
-            raise ValueError(f"{p}: its parent checkpoint {parent} is missing")
-        p = Path(parent) if parent else None
+        p = parent_of(p, ckpt)
     return chain
+
+
+def key_group(name: str) -> str:
+    """The component a weight belongs to: ``lora`` (every LoRA weight), ``modalities.<m>.<part>``,
+    ``objectives.<key>``, else the first name part (a standalone modality's ``encoder``). A chain provides a
+    component whole or not at all (then it is freshly initialised here, as LoRA is when instruct follows align)."""
+    if "lora_" in name:
+        return "lora"
+    parts = name.split(".")
+    return ".".join(parts[:{"modalities": 3, "objectives": 2}.get(parts[0], 1)])
+
+
+def _groups(names: list[str]) -> str:
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[key_group(n)] = counts.get(key_group(n), 0) + 1
+    return ", ".join(f"{g} ({c})" for g, c in sorted(counts.items())) or "nothing"
+
+
+def _first(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def load_chain(model: nn.Module, path: str | Path | list[tuple[Path, dict]], llm_name: str | None,
@@ -115,10 +178,14 @@ def load_chain(model: nn.Module, path: str | Path | list[tuple[Path, dict]], llm
 
     ``prefix_for_stage`` maps a stage to the key prefix its weights need here (a standalone stage
     trained a modality alone, so its keys gain ``modalities.<name>.``). Raises on an LLM or
-    modality mismatch, and on any key the model does not have.
+    modality mismatch, on any key the model does not have, and on a trainable weight missing from a component
+    the chain does provide (another architecture: it would train from random weights, silently). Why: the model's
+    ``strict_loading=False`` (checkpoints hold only what trains) would load such a checkpoint partially.
     """
     chain = path if isinstance(path, list) else read_chain(path)
     own = dict(model.named_parameters())
+    trainable = [n for n, p in own.items() if p.requires_grad]
+    provided: set[str] = set()
     for p, ckpt in reversed(chain):
         meta = ckpt[META_KEY]
         if meta.get("llm") and llm_name and meta["llm"] != llm_name:
@@ -130,10 +197,18 @@ def load_chain(model: nn.Module, path: str | Path | list[tuple[Path, dict]], llm
         state = {prefix + k: v for k, v in ckpt["state_dict"].items()}
         unknown = [k for k in state if k not in own]
         if unknown:
-            raise ValueError(f"{p}: {len(unknown)} weight(s) this model lacks, e.g. {unknown[0]}")
+            raise ValueError(f"{p}: {len(unknown)} weight(s) this model lacks: {_first(unknown)}; this model "
+                             f"trains {_groups(trainable)}")
         with torch.no_grad():
             for k, v in state.items():
                 if own[k].shape != v.shape:
                     raise ValueError(f"{p}: {k} has shape {tuple(v.shape)}, model has {tuple(own[k].shape)}")
                 own[k].copy_(v)
+        provided.update(state)
+    groups = {key_group(k) for k in provided}
+    absent = [n for n in trainable if n not in provided and key_group(n) in groups]
+    if absent:
+        raise ValueError(f"{chain[0][0]}: its chain lacks {len(absent)} trainable weight(s) of a component it "
+                         f"provides: {_first(absent)}; this model trains {_groups(trainable)}, the chain provides "
+                         f"{_groups(sorted(provided))} (a checkpoint of another architecture?)")
     return [p for p, _ in chain]

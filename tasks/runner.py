@@ -301,8 +301,8 @@ def _run(cfg: Config) -> dict[str, Any]:
             "modality_cfg": {k: v for k, v in OmegaConf.to_container(modality_cfg, resolve=True).items()
                              if k not in RUNTIME_MODALITY_KEYS}}
     stop = StopFile(out / "STOP")
-    trainer = build_trainer(cfg, out, [PrecomputeCaches(dm, modalities), stats, TrainableOnlyCheckpoint(meta), stop,
-                                       guard, *extra])
+    saver = TrainableOnlyCheckpoint(meta, out / "checkpoints")  # parent stored relative to that folder
+    trainer = build_trainer(cfg, out, [PrecomputeCaches(dm, modalities), stats, saver, stop, guard, *extra])
     trainer.fit(model, datamodule=dm, ckpt_path=resume_from(trainer, resume))
     metrics.update(stats.summary(trainer, model), **({"resumed_at": resume.step} if resume else {}))
     if stop.stopped_at is not None:  # by <output_dir>/STOP (last.ckpt holds that step: tasks.resume.LastCheckpoint)
@@ -350,7 +350,7 @@ def _run_standalone(cfg: Config, out: Path, policy: StagePolicy, batch_size: int
             "parent": str(chain[0]) if chain else None, "lora": None}
     stats = RunStats()
     resume = resolve_resume(cfg.get("resume"), out, policy.name, None, [modality.name])
-    trainer = build_trainer(cfg, out, [stats, TrainableOnlyCheckpoint(meta), guard])
+    trainer = build_trainer(cfg, out, [stats, TrainableOnlyCheckpoint(meta, out / "checkpoints"), guard])
     trainer.fit(modality, datamodule=dm, ckpt_path=resume_from(trainer, resume))
     metrics: dict[str, Any] = {"stage": policy.name, "modality": modality.name, "llm": None,
                                "init_from": [str(p) for p in chain], **stats.summary(trainer, modality),
