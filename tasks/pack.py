@@ -1,7 +1,8 @@
 """Pack a trained checkpoint chain into a shippable model folder: ``python -m tasks.pack <run> <out>``.
 
-A run's checkpoint holds only what its stage trained and names its parent by absolute path, so a
-chain (encoder pretraining -> align -> instruct) cannot move. A packed folder is self-contained and relocatable:
+A run's checkpoint holds only what its stage trained and names its parent (relative to itself, the absolute path
+beside it), so a chain (encoder pretraining -> align -> instruct) moves only as one folder tree and needs every
+link's file. A packed folder is one self-contained, relocatable file set:
 
 - ``model.safetensors``: every weight the chain trained (encoder pretraining, adaptor, LoRA, new
   rows), merged newest-wins under the full model's names, in fp16; no optimizer state.
