@@ -5,7 +5,8 @@ OUT ?= outputs/demo
 DEMO_ALIGN_STEPS ?= 90
 DEMO_INSTRUCT_STEPS ?= 60
 DEMO_INSTRUCT_BATCH ?= 4
-APT_PACKAGES = espeak-ng sox libsndfile1 fortunes fortunes-min wordnet-base wamerican
+# slurm-wlm, munge: the one-node SLURM cluster of tests/slurm (hydra/launcher=slurm)
+APT_PACKAGES = espeak-ng sox libsndfile1 fortunes fortunes-min wordnet-base wamerican slurm-wlm munge
 LM_TEXT = data_cache/speech_long/train.jsonl,data_cache/speech_wordnet/train.jsonl,data_cache/speech_wndefs/train.jsonl
 export PYTHONUNBUFFERED=1
 
@@ -20,13 +21,13 @@ STOCK_INSTRUCT_STEPS ?= 150
 install: apt pip
 
 apt:
-	@if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null || ! [ -f /usr/share/games/fortunes/wisdom ] || ! [ -f /usr/share/wordnet/data.noun ] || ! [ -f /usr/share/dict/american-english ]; then \
+	@if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null || ! [ -f /usr/share/games/fortunes/wisdom ] || ! [ -f /usr/share/wordnet/data.noun ] || ! [ -f /usr/share/dict/american-english ] || ! [ -x /usr/sbin/slurmctld ] || ! [ -x /usr/sbin/munged ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
 	fi
 
 pip:
-	$(PIP) install -q -e '.[dev,quant,track]'
+	$(PIP) install -q -e '.[dev,quant,track,slurm]'
 	$(PIP) install -q --no-deps -r requirements-assets.txt
 
 data: install
@@ -187,7 +188,7 @@ test: install
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 test-fast: 
-	$(PY) -m pytest -q -m "not slow and not distributed"
+	$(PY) -m pytest -q -m "not slow and not distributed and not slurm"
 
 clean:
 	rm -rf outputs multirun data_cache .pytest_cache

@@ -4,6 +4,7 @@ Why: a cluster job is killed at its time limit or pre-empted, and requeued with 
 is written atomically (a kill mid-write leaves the previous one, never a torn file), last.ckpt is also saved every
 ``checkpoint_minutes`` of wall time, ``resume=auto`` picks the run's own newest good checkpoint (or starts fresh,
 saying so), and metrics.csv keeps the rows logged before that checkpoint (Lightning's CSV logger deletes the file).
+Inside a SLURM job an unset ``resume=`` is ``auto``: the job submitit requeues resumes itself (``resume_setting``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,8 +180,47 @@ def check_own(path: Path, meta: dict[str, Any], stage: str, llm: str | None, mod
         raise ValueError(f"resume={path}: trained with modality {meta.get('modalities')}, this run has {modalities}")
 
 
-def resolve_resume(value: str | None, out: Path, stage: str, llm: str | None, modalities: list[str]) -> Resume | None:
-    """``resume=``: null (a fresh run), ``auto`` (``find_own``) or a .ckpt of this run (checked, or refused)."""
+def under_slurm(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this process is a SLURM job's (sbatch, srun, or submitit's ``hydra/launcher=slurm``)."""
+    return bool((os.environ if env is None else env).get("SLURM_JOB_ID"))
+
+
+def resume_setting(value: str | bool | None, env: Mapping[str, str] | None = None) -> str | bool | None:
+    """``resume=`` as the run uses it: unset (null) inside a SLURM job means ``auto``; anything given stays.
+
+    Why: a SLURM job that times out or is pre-empted is requeued with the same command (submitit re-runs the
+    pickled job), so the requeued job must find its own last checkpoint without a hand-written ``resume=``; a
+    fresh job's empty output dir makes ``auto`` a fresh start (logged). ``resume=false`` always starts fresh.
+    """
+    return AUTO if value is None and under_slurm(env) else value
+
+
+def cluster_plugins(plugins: list[Any], env: Mapping[str, str] | None = None) -> list[Any]:
+    """``plugins`` plus Lightning's SLURMEnvironment with ``auto_requeue=False`` for a job submitit started
+    (``hydra/launcher=slurm``), unless the config already chose a ClusterEnvironment.
+
+    Why: submitit and Lightning both requeue a job on a signal (submitit: SIGUSR2 before the time limit or at
+    pre-emption, resubmitting the pickled Hydra job; Lightning: SIGUSR1, saving hpc_ckpt_*.ckpt and calling
+    ``scontrol requeue`` itself). One mechanism: submitit's, with ``resume=auto`` reading last.ckpt.
+    """
+    from lightning.fabric.plugins.environments import (
+        ClusterEnvironment,
+        SLURMEnvironment,
+    )
+
+    env = os.environ if env is None else env
+    if env.get("SUBMITIT_EXECUTOR") != "slurm" or any(isinstance(p, ClusterEnvironment) for p in plugins):
+        return plugins
+    return [*plugins, SLURMEnvironment(auto_requeue=False)]
+
+
+def resolve_resume(value: str | bool | None, out: Path, stage: str, llm: str | None,
+                   modalities: list[str]) -> Resume | None:
+    """``resume=``: null (a fresh run; ``auto`` in a SLURM job: ``resume_setting``), false (fresh), ``auto``
+    (``find_own``) or a .ckpt of this run (checked, or refused)."""
+    if value is None and (value := resume_setting(value)) == AUTO:
+        job = "_".join(filter(None, (os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID"))))
+        _info("resume unset in SLURM job %s: resume=auto", job or os.environ.get("SLURM_JOB_ID"))
     if not value:
         return None
     own = (stage, llm, modalities)

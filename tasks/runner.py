@@ -25,7 +25,7 @@ from tasks.callbacks import NonFiniteGuard, PeriodicEval, RunStats, StopFile
 from tasks.checkpoint import META_KEY, TrainableOnlyCheckpoint, load_chain, local_path, read_chain, resume_path
 from tasks.evaluate import check_scorable, run_generation
 from tasks.multimodal import MultimodalLM, OptimSpec
-from tasks.resume import AUTO, checkpoint_callbacks, resolve_resume, resume_from, with_atomic_io
+from tasks.resume import AUTO, checkpoint_callbacks, cluster_plugins, resolve_resume, resume_from, with_atomic_io
 from tasks.stages import StagePolicy
 from tasks.tracking import RunTracking, loggers_for, tracking_callbacks
 
@@ -74,10 +74,11 @@ def build_trainer(cfg: Config, out: Path, callbacks: list[L.Callback]) -> L.Trai
 
     saving = checkpoint_callbacks(out / "checkpoints", cfg.get("checkpoint_every"), cfg.get("checkpoint_minutes"))
     loggers = loggers_for(cfg)  # logger=csv|tensorboard|wandb|all|[a,b] (tasks.tracking)
+    # atomic checkpoint files; under submitit, Lightning's SLURM environment without its own requeue (tasks.resume)
+    plugins = cluster_plugins(with_atomic_io(instantiate(cfg.trainer.get("plugins"))))
     return instantiate(cfg.trainer, callbacks=[*saving, RichProgressBar(leave=True), *callbacks,
                                                *tracking_callbacks(cfg, loggers)],
-                       logger=loggers or False, default_root_dir=str(out),
-                       plugins=with_atomic_io(instantiate(cfg.trainer.get("plugins"))))  # atomic checkpoint files
+                       logger=loggers or False, default_root_dir=str(out), plugins=plugins)
 
 
 RUNTIME_MODALITY_KEYS = ("d_llm", "target_rms")  # filled from the LLM at run time, never inherited
@@ -354,7 +355,7 @@ def _run_standalone(cfg: Config, out: Path, policy: StagePolicy, batch_size: int
     trainer.fit(modality, datamodule=dm, ckpt_path=resume_from(trainer, resume))
     metrics: dict[str, Any] = {"stage": policy.name, "modality": modality.name, "llm": None,
                                "init_from": [str(p) for p in chain], **stats.summary(trainer, modality),
-                               **guard.metrics()}
+                               **({"resumed_at": resume.step} if resume else {}), **guard.metrics()}
     last = out / "checkpoints" / "last.ckpt"
     if last.exists():
         metrics["checkpoint_mb"] = round(last.stat().st_size / 2**20, 3)
