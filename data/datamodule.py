@@ -79,7 +79,7 @@ class ConversationDataModule(L.LightningDataModule):
                                        self.max_length, generate=generate)
         bs = self.eval_batch_size if generate or split != "train" else self.batch_size
         sampler = None
-        groups = [input_group(r, list(self.modalities)) for r in self.records(split)]
+        groups = [input_group(r, list(self.modalities)) for r in self.records(split)] if shuffle else []
         if shuffle and (self.group_by_length or len(set(groups)) > 1):
             # similar lengths per batch: less padding; and clips never batched with inputs given as text
             lengths = [record_length(r) if self.group_by_length else 0.0 for r in self.records(split)]
