@@ -29,6 +29,22 @@ def _check_record(rec: Any, where: str, modalities: tuple[str, ...]) -> None:
     for m in modalities:
         if m in rec and not isinstance(rec[m], list):
             rec[m] = [rec[m]]
+    _gold_reference(rec, where)
+
+
+def _gold_reference(rec: dict, where: str) -> None:
+    """A record's ``answers`` (the normalised gold of each assistant turn, e.g. "second" for "The second one.")
+    become its ``reference`` (what evaluation scores the last turn against) unless it names one. Why: scoring
+    against the answer turn's phrasing counted "The second clip." wrong for "The second one." and "7" wrong for
+    "There are 7 words."."""
+    answers = rec.get("answers")
+    if answers is None:
+        return
+    n_answers = sum(ROLES[t["from"]] == "assistant" for t in rec["conversations"])
+    if not isinstance(answers, list) or len(answers) != n_answers or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"{where}: 'answers' must list one string per assistant turn ({n_answers}), got {answers!r}")
+    if rec.get("reference") is None and ROLES[rec["conversations"][-1]["from"]] == "assistant":
+        rec["reference"] = answers[-1]
 
 
 Adapter = Callable[[dict, str, random.Random], "dict | None"]

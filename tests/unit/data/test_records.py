@@ -58,3 +58,24 @@ def test_a_plugin_adapter_reads_its_own_line_format(tmp_path):
     adapt = lambda line, where, rng: {"toy": line["series"], "conversations": [{"from": "human", "value": where}]}
     (r,) = read_records(p, ("toy",), adapters=[lambda line, where, rng: None, adapt])
     assert r["toy"] == ["x.csv"] and r["conversations"][0]["value"] == f"{p}:1"  # listified, first claimant wins
+
+
+def test_answers_become_the_scored_reference(tmp_path):
+    """The gold answer, not the answer turn's phrasing, is what evaluation compares with (a right answer worded
+    differently, "The second clip." for "The second one.", used to count as wrong)."""
+    from tasks.evaluate import score
+
+    conv = [{"from": "human", "value": "Which is faster? <speech> <speech>"}, {"from": "gpt", "value": "The second one."}]
+    p = tmp_path / "c.jsonl"
+    rows = [{"id": "a", "type": "compare_speed", "answers": ["second"], "conversations": conv},
+            {"id": "b", "type": "compare_speed", "answers": ["second"], "reference": "The second one.", "conversations": conv},
+            {"id": "c", "type": "compare_speed", "conversations": conv}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recs = read_records(p)
+    assert [r.get("reference") for r in recs] == ["second", "The second one.", None]
+    refs = [r.get("reference") or r["conversations"][-1]["value"] for r in recs]
+    assert score(["compare_speed"] * 3, refs, ["The second clip."] * 3)["accuracy"] == pytest.approx(1 / 3, abs=1e-3)
+    assert score(["compare_speed"], ["second"], ["The first clip."])["accuracy"] == 0.0
+    p.write_text(json.dumps({"id": "d", "answers": ["second", "male"], "conversations": conv}) + "\n")
+    with pytest.raises(ValueError, match=r"c.jsonl:1: 'answers' must list one string per assistant turn \(1\)"):
+        read_records(p)
