@@ -17,6 +17,19 @@ from data.jsonl import check_utf8, iter_jsonl
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "system": "system"}
+# What a conversation record may hold besides its inputs (one key per modality of the run). Anything else is an
+# error: a clip under another key ("audios", "image") used to be dropped and the record answered as a text chat.
+RECORD_KEYS = frozenset({"id", "conversations", "type", "turn_types", "answers", "reference", "fill", "source",
+                         "duration", "clip_labels", "meta"})
+
+
+def _check_keys(rec: dict, where: str, modalities: tuple[str, ...]) -> None:
+    unknown = sorted(set(rec) - RECORD_KEYS - set(modalities))
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r} (inputs go under this run's modality keys "
+                         f"{list(modalities)}; a record's other keys: {sorted(RECORD_KEYS)}; free-form data: 'meta')")
+
+
 def _check_record(rec: Any, where: str, modalities: tuple[str, ...]) -> None:
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
@@ -75,8 +88,10 @@ def read_records(path: str | Path, modalities: tuple[str, ...] = (), seed: int =
         raw = [(f"{path}:{n}", rec) for n, rec in iter_jsonl(path)]
     out = []
     for where, rec in raw:
-        if isinstance(rec, dict) and "conversations" not in rec:
+        if isinstance(rec, dict) and "conversations" not in rec:  # a plugin's own line format (its own keys)
             rec = next((r for adapt in adapters if (r := adapt(rec, where, rng)) is not None), rec)
+        elif isinstance(rec, dict):
+            _check_keys(rec, where, modalities)
         _check_record(rec, where, modalities)
         rec.setdefault("id", where)
         rec["root"] = str(path.parent)

@@ -43,6 +43,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     Why: Lightning's own save stages the bytes in the system temp folder and copies them into place when that is
     another filesystem; a job killed during that copy left a truncated last.ckpt, the only checkpoint of the run.
+    A write that fails (a full disk) removes its temporary file and raises an OSError naming the checkpoint path.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
@@ -60,8 +61,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.umask(mask)
             os.chmod(tmp, 0o666 & ~mask)
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+                # a full disk (ENOSPC) inside torch.save names no file: name the checkpoint that was not written
+                # (the previous one is untouched), not a bare "[Errno 28] No space left on device"
+                raise OSError(e.errno, e.strerror, str(path)) from e
             raise
 
 

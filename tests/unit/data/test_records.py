@@ -79,3 +79,23 @@ def test_answers_become_the_scored_reference(tmp_path):
     p.write_text(json.dumps({"id": "d", "answers": ["second", "male"], "conversations": conv}) + "\n")
     with pytest.raises(ValueError, match=r"c.jsonl:1: 'answers' must list one string per assistant turn \(1\)"):
         read_records(p)
+
+
+def test_an_unknown_key_is_refused_naming_it_the_file_and_line(tmp_path):
+    """A clip named under another key used to be dropped and the record answered as a text chat."""
+    conv = [{"from": "human", "value": "<speech> What is said?"}, {"from": "gpt", "value": "hi"}]
+    p = tmp_path / "c.jsonl"
+    p.write_text(json.dumps({"id": "a", "speech": ["a.wav"], "conversations": conv}) + "\n"
+                 + json.dumps({"id": "b", "audios": ["a.wav"], "conversations": conv}) + "\n")
+    with pytest.raises(ValueError, match=r"c.jsonl:2: unknown key 'audios' \(inputs go under this run's modality "
+                                         r"keys \['speech'\]"):
+        read_records(p, ("speech",))
+    p.write_text(json.dumps({"id": "a", "stock": ["x.csv"], "conversations": conv}) + "\n")
+    with pytest.raises(ValueError, match=r"c.jsonl:1: unknown key 'stock'"):  # an input of a modality not in the run
+        read_records(p, ("speech",))
+    p.write_text(json.dumps({"id": "a", "speech": ["a.wav"], "meta": {"any": 1}, "duration": 1.5, "conversations": conv})
+                 + "\n" + json.dumps({"audio_filepath": "a.wav", "text": "hi", "speaker": 7}) + "\n")
+    adapt = lambda line, where, rng: {"id": where, "speech": [line["audio_filepath"]], "speaker": line["speaker"],
+                                      "conversations": conv} if "audio_filepath" in line else None
+    recs = read_records(p, ("speech",), adapters=[adapt])  # a plugin's own line format keeps its own keys
+    assert [r["id"] for r in recs] == ["a", f"{p}:2"] and recs[1]["speaker"] == 7
