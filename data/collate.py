@@ -7,9 +7,12 @@ labels. Training and generation build prompts the same way, so they never disagr
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 IGNORE = -100
 
@@ -80,8 +83,9 @@ class ConversationCollator:
     """
 
     def __init__(self, tokenizer: Any, modalities: dict[str, Any], placeholder_ids: dict[str, int],
-                 max_length: int = 1024, generate: bool = False):
+                 max_length: int = 1024, generate: bool = False, skip_bad: bool = False):
         self.tokenizer = tokenizer
+        self.skip_bad = skip_bad  # a sample that cannot be encoded (placeholder/input count, too long) is skipped
         self.modalities = modalities
         self.placeholder_ids = placeholder_ids
         self.max_length = max_length
@@ -118,7 +122,17 @@ class ConversationCollator:
         skipped = [(s["skipped"], s["error"]) for s in samples if "skipped" in s]
         samples = [s for s in samples if "skipped" not in s]
         pad = self.tokenizer.pad_token_id
-        encoded = [self._encode(s) for s in samples]
+        encoded, kept = [], []
+        for s in samples:  # the dataset skips what fails to load (skip_bad); these fail once tokenised
+            try:
+                encoded.append(self._encode(s))
+                kept.append(s)
+            except ValueError as e:
+                if not self.skip_bad:
+                    raise
+                log.warning("skipping sample %s: %s", s["where"], e)
+                skipped.append((s["where"], str(e).splitlines()[0]))
+        samples = kept
         longest = max((len(e[0]) for e in encoded), default=0)
         B = len(encoded)
         input_ids = torch.full((B, longest), pad, dtype=torch.long)

@@ -76,7 +76,7 @@ class ConversationDataModule(L.LightningDataModule):
     def _loader(self, split: str, generate: bool = False, shuffle: bool = False) -> DataLoader:
         ds = ConversationDataset(self.records(split), self.modalities, self.skip_bad, self.system_prompt)
         collate = ConversationCollator(self.tokenizer, self.modalities, self.placeholder_ids,
-                                       self.max_length, generate=generate)
+                                       self.max_length, generate=generate, skip_bad=self.skip_bad)
         bs = self.eval_batch_size if generate or split != "train" else self.batch_size
         sampler = None
         groups = [input_group(r, list(self.modalities)) for r in self.records(split)] if shuffle else []

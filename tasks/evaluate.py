@@ -241,6 +241,8 @@ def _run_generation(model, loader, max_new_tokens, predictions_path, desc, num_b
     if unanswered_ok:
         metrics["unscored"] = len(rows) - len(refs)
     metrics["eval_skipped"] = len(skipped)
+    if skipped:  # which ones, and why (data.skip_bad): nothing is left out unnamed
+        metrics["eval_skipped_samples"] = [f"{where}: {why}" for where, why in skipped[:100]]
     if predictions_path is not None:  # strict JSON lines, written atomically (data.jsonl)
         write_jsonl(predictions_path, rows)
     return metrics

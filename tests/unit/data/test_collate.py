@@ -117,3 +117,17 @@ def test_a_plugins_reading_follows_its_positions_as_text(setup):
     assert (batch["labels"][0, last + 1:last + 4] == IGNORE).all()
     plain = ConversationCollator(lm.tokenizer, {"toy": toy}, pids)([ConversationDataset(ds.records, {"toy": toy})[0]])
     assert batch["input_ids"].shape[1] > plain["input_ids"].shape[1]  # the base plugin reads nothing
+
+
+def test_skip_policy_covers_a_placeholder_count_mismatch_and_an_overlong_sample(setup):
+    """skip_bad skips (counted, named) what fails only once tokenised, not just what fails to load."""
+    lm, toy, pids = setup
+    recs = [rec(3, ["5", "8"], "only one <toy>", "x"), rec(4, ["4"], "<toy>", "y"), rec(5, ["9"], "<toy>", "z " * 200)]
+    ds = ConversationDataset(recs, {"toy": toy}, skip_bad=True)
+    batch = ConversationCollator(lm.tokenizer, {"toy": toy}, pids, max_length=64, skip_bad=True)([ds[i] for i in range(3)])
+    assert [w for w, _ in batch["skipped"]] == ["f.jsonl:3", "f.jsonl:5"]
+    assert "placeholder" in batch["skipped"][0][1] and "data.max_length=64" in batch["skipped"][1][1]
+    assert batch["input_ids"].shape[0] == 1 and batch["ids"] == [recs[1]["id"]]
+    assert batch["modal"]["toy"]["values"].shape[0] == 1  # the skipped samples' inputs are gone too
+    with pytest.raises(ValueError, match=r"f.jsonl:3: 1 placeholder"):
+        ConversationCollator(lm.tokenizer, {"toy": toy}, pids, max_length=64)([ds[i] for i in range(3)])
