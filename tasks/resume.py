@@ -272,7 +272,7 @@ def keep_csv_rows(loggers: list[Logger], step: int) -> int:
         rows = []
         if path.is_file():
             with path.open(newline="", encoding="utf-8") as f:
-                rows = [r for r in csv.DictReader(f) if (r.get("step") or "").isdigit() and int(r["step"]) < 0]
+                rows = [r for r in csv.DictReader(f) if (r.get("step") or "").isdigit() and int(r["step"]) < step]
         writer = lg.experiment  # Lightning's CSV writer deletes metrics.csv as it starts: the rows are put back
         for r in rows:
             values = {k: v for k, v in r.items() if k not in ("step", None) and v not in ("", None)}
