@@ -175,6 +175,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --wordnet-train: the glosses' example sentences or their definitions")
     p.add_argument("--questions", type=int, default=0, metavar="N",
                    help="build ONLY the spoken-question data, N training clips (see modality.speech.corpus.questions)")
+    p.add_argument("--tone", type=int, default=0, metavar="N",
+                   help="only N more training conversations about the voice (instruct_tone_train.json; no new audio)")
     p.add_argument("--qa-text", type=int, default=0, metavar="N", help="with --questions: N text-only training questions")
     p.add_argument("--n-qa-eval", type=int, default=200, metavar="N", help="with --questions: N held-out spoken questions")
     p.add_argument("--qa-llm", default="smollm2-135m-instruct", help="the LLM whose typed answers are the targets")
@@ -182,6 +184,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--qa-batch-size", type=int, default=16)
     p.add_argument("--sources", type=Path, default=None, help="folder with the source wheels (default <out>/sources)")
     return p.parse_args(argv)
+
+
+# how the voice sounds, comparisons twice as often: two clips' tone positions compared is what instruct saw least
+TONE_WEIGHTS = {"pitch": 1.0, "speed": 1.0, "gender": 0.5, "accent_region": 0.5, "compare_pitch": 2.0,
+                "compare_speed": 2.0}
+
+
+def build_tone(out: Path, n: int, seed: int) -> dict:
+    """``n`` more training conversations about the voice only (TONE_WEIGHTS), over the align training clips
+    already built: no new audio. Ids ``tone-NNNNNN``; a different draw than instruct_train.json."""
+    if not (out / "train.jsonl").exists():
+        raise FileNotFoundError(f"{out / 'train.jsonl'} is missing: build the align manifests first")
+    records = make_conversations(read_jsonl(out / "train.jsonl"), [], n, seed, "tone", weights=TONE_WEIGHTS)
+    write_records(out / "instruct_tone_train.json", records)
+    return dict(sorted(collections.Counter(r["type"] for r in records).items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{time.perf_counter() - t0:.1f}s")
         for e in qa["errors"]:
             print(f"  skipped: {e}", file=sys.stderr)
+        return 0
+    if args.tone:
+        types = build_tone(args.out, args.tone, args.seed)
+        print(f"tone conversations: {sum(types.values())} ({types}) -> {args.out / 'instruct_tone_train.json'}, "
+              f"{time.perf_counter() - t0:.1f}s")
         return 0
     if args.text_train:
         got = build_text_train(args.out, args.text_train, args.seed)

@@ -187,3 +187,22 @@ def test_cli_align_only_larger_build_extends_a_smaller_one(tmp_path: Path, capsy
         assert 0 < len(a) < len(b)
         keys = ("id", "text", "voice", "pitch", "speed")
         assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b[:len(a)]]
+
+
+def test_tone_build_writes_voice_questions_over_the_existing_clips(tmp_path) -> None:
+    """--tone N: N more voice conversations (comparisons most), no new audio, ids apart from instruct_train's."""
+    from modality.speech.corpus.build import TONE_WEIGHTS, main
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _pool(80)))
+    assert main(["--out", str(tmp_path), "--tone", "60"]) == 0
+    recs = json.loads((tmp_path / "instruct_tone_train.json").read_text())
+    types = [r["type"] for r in recs]
+    assert len(recs) == 60 and set(types) <= set(TONE_WEIGHTS) and len({r["id"] for r in recs}) == 60
+    assert all(r["id"].startswith("tone-") for r in recs)
+    assert types.count("compare_pitch") > types.count("gender")
+    clips = {r["audio_filepath"] for r in _pool(80)}
+    assert all(p in clips for r in recs for p in r["speech"]) and not (tmp_path / "wavs").exists()
+    for r in recs:  # gold answers agree with the clips' labels
+        if r["type"] in ("pitch", "speed", "gender"):
+            row = next(x for x in _pool(80) if x["audio_filepath"] == r["speech"][0])
+            assert r["answers"][0] == row[{"pitch": "pitch_class", "speed": "speed_class"}.get(r["type"], "gender")]
