@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -108,7 +109,8 @@ def test_csv_records_cover_the_file_and_load(tmp_path):
 def test_datamodule_csv_replaces_eval_records(tmp_path):
     _write_csv(tmp_path / "my.csv", 120)
     out = tmp_path / "run" / "csv_eval.jsonl"
-    dm = StockConversationDataModule(None, {}, {}, eval_manifest=str(tmp_path / "absent.jsonl"), csv=str(tmp_path / "my.csv"),
+    stock = SimpleNamespace(read_record=lambda line, where, rng: None)  # records name their series under "stock"
+    dm = StockConversationDataModule(None, {"stock": stock}, {}, eval_manifest=str(tmp_path / "absent.jsonl"), csv=str(tmp_path / "my.csv"),
                                      csv_records=str(out), csv_windows=2, context=CONTEXT,
                                      text_baseline={"zero_shot": True})
     dm.prepare_data()
