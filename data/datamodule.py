@@ -12,7 +12,12 @@ from torch.utils.data import DataLoader
 from data.collate import ConversationCollator
 from data.dataset import ConversationDataset
 from data.records import read_records
-from data.samplers import LengthGroupedSampler, input_group, record_length
+from data.samplers import (
+    LengthGroupedSampler,
+    ResumableLoader,
+    input_group,
+    record_length,
+)
 
 
 def _as_list(files: str | list[str] | None) -> list[str]:
@@ -84,9 +89,12 @@ class ConversationDataModule(L.LightningDataModule):
             # similar lengths per batch: less padding; and clips never batched with inputs given as text
             lengths = [record_length(r) if self.group_by_length else 0.0 for r in self.records(split)]
             sampler = LengthGroupedSampler(lengths, bs, self.seed, groups=groups)
-            shuffle = False
-        return DataLoader(ds, batch_size=bs, shuffle=shuffle, sampler=sampler, collate_fn=collate,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        kwargs = {"batch_size": bs, "sampler": sampler, "collate_fn": collate, "num_workers": self.num_workers,
+                  "persistent_workers": self.num_workers > 0}
+        if not shuffle:
+            return DataLoader(ds, **kwargs)
+        # an order seeded per epoch, and the loader's place in it checkpointed: resume= is exact mid-epoch too
+        return ResumableLoader(ds, shuffle=sampler is None, seed=self.seed, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -11,14 +11,22 @@ text (reading practice) are read by different paths in one forward, and the coll
 them. Every batch then holds one group; a group's last short batch is filled with random repeats from the same
 group (as DistributedSampler pads), so every sample is drawn each epoch and the DataLoader's cut every
 ``batch_size`` indices never straddles two groups.
+
+Exact resume (``resume=``) mid-epoch: a training epoch's order is a function of the seed and the epoch only
+(``EpochShuffleSampler`` for a plain shuffle, ``LengthGroupedSampler``), and the training DataLoader is a
+``ResumableLoader``, whose ``state_dict`` (the epoch and how many batches it has handed out) Lightning saves in every
+checkpoint: a resumed run draws the same order and skips the batches the checkpoint's steps already trained on.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from itertools import islice
+from typing import Any
 
-from torch.utils.data import Sampler
+import torch
+from torch.utils.data import DataLoader, RandomSampler, Sampler
 
 TOKENS_PER_SECOND = 12.5  # LLM positions per second of a record's ``duration`` (the default audio adaptor's rate)
 
@@ -104,3 +112,101 @@ class LengthGroupedSampler(Sampler[int]):
         rng.shuffle(batches)
         for batch in batches:
             yield from batch
+
+
+class EpochShuffleSampler(RandomSampler):
+    """A uniformly random order of ``data_source``, a function of ``seed`` and the epoch (``set_epoch``) only.
+
+    Why: ``DataLoader(shuffle=True)`` draws each epoch's order from the global torch RNG, which a resumed run cannot
+    replay, so the rest of an interrupted epoch was a different draw (some samples twice, some never). A
+    RandomSampler, so a distributed run gets Lightning's DistributedSampler (seeded per epoch too) in its place.
+    """
+
+    def __init__(self, data_source: Any, seed: int = 0):
+        super().__init__(data_source)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning calls this each epoch: a different, reproducible order per epoch."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=g).tolist()
+
+
+class _SkipFirst:
+    """The batches of ``sampler`` (a DataLoader's index sampler) but the first ``n``, once (later epochs whole)."""
+
+    def __init__(self, sampler: Iterable, n: int):
+        self.sampler, self.n = sampler, n
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # the epoch's length, as Lightning counts it (its loop knows n were trained on)
+
+    def __iter__(self) -> Iterator:
+        return self._rest()
+
+    def _rest(self) -> Iterator:
+        n, self.n = self.n, 0  # taken when the first batch is drawn (a worker pool calls iter() twice, uses one)
+        yield from islice(iter(self.sampler), n, None)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose place in the epoch travels in the checkpoint: ``state_dict()`` is the epoch and the number
+    of batches handed out so far in it (Lightning's fit loop saves it for a loader that has one); after
+    ``load_state_dict``, the next iteration of that same epoch skips those batches' indices (nothing is loaded for
+    them) and yields the rest, in the order the uninterrupted run saw them.
+
+    The order must be a function of the epoch: ``shuffle=True`` becomes an ``EpochShuffleSampler(dataset, seed)``;
+    a sampler given must be seeded per epoch (``LengthGroupedSampler``, a DistributedSampler). The workers' seeds
+    come from the loader's own generator, reseeded from ``(seed, epoch)``: iterating never draws from the global RNG.
+    """
+
+    def __init__(self, dataset: Any, *, seed: int = 0, **kwargs: Any):
+        if kwargs.get("shuffle") and kwargs.get("sampler") is None and kwargs.get("batch_sampler") is None:
+            kwargs["shuffle"], kwargs["sampler"] = False, EpochShuffleSampler(dataset, seed)
+        if kwargs.get("generator") is None:
+            kwargs["generator"] = torch.Generator()
+        self.seed = seed
+        self._epoch: int | None = None  # the epoch being iterated (its sampler's)
+        self._taken = 0  # batches handed out in it (a checkpoint's steps trained on these)
+        self._skip = 0
+        self._resume: dict[str, Any] | None = None
+        super().__init__(dataset, **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "batches": self._taken}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._resume = dict(state)
+
+    def _sampler_epoch(self) -> int | None:
+        for s in (self.sampler, getattr(self.batch_sampler, "sampler", None), self.batch_sampler):
+            if isinstance(getattr(s, "epoch", None), int):
+                return s.epoch
+        return None
+
+    @property
+    def _index_sampler(self) -> Any:
+        base = super()._index_sampler
+        return _SkipFirst(base, self._skip) if self._skip else base
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._batches()
+
+    def _batches(self) -> Iterator[Any]:
+        # a generator: runs at the first batch, after Lightning's set_epoch (it calls iter() before that)
+        epoch = self._sampler_epoch()
+        resume, self._resume = self._resume, None
+        done = resume["batches"] if resume and resume.get("epoch") == epoch else 0
+        self._epoch, self._taken = epoch, done if 0 < done < len(self) else 0
+        self.generator.manual_seed(hash((self.seed, epoch or 0)) & 0x7FFF_FFFF_FFFF_FFFF)
+        self._skip = self._taken
+        try:
+            batches = super().__iter__()
+        finally:
+            self._skip = 0
+        for batch in batches:
+            self._taken += 1
+            yield batch

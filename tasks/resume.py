@@ -4,6 +4,8 @@ Why: a cluster job is killed at its time limit or pre-empted, and requeued with 
 is written atomically (a kill mid-write leaves the previous one, never a torn file), last.ckpt is also saved every
 ``checkpoint_minutes`` of wall time, ``resume=auto`` picks the run's own newest good checkpoint (or starts fresh,
 saying so), and metrics.csv keeps the rows logged before that checkpoint (Lightning's CSV logger deletes the file).
+A resume is exact mid-epoch too (``ExactResume``): the rest of the epoch's batches in the uninterrupted run's order,
+and the random state (dropout) that run had at that step.
 Inside a SLURM job an unset ``resume=`` is ``auto``: the job submitit requeues resumes itself (``resume_setting``).
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import random
 import tempfile
 import time
 from collections.abc import Mapping
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
@@ -82,7 +86,16 @@ class LastCheckpoint(ModelCheckpoint):
 
     Why: with ``checkpoint_every=3`` a run of 7 steps (or one stopped by a STOP file) ended with last.ckpt at step 6,
     and the next stage's ``init_from`` read weights one step short. Not after an error: a diverged run has none.
+
+    A run told to stop (``trainer.should_stop``: the STOP file) saves at the end of that batch, not at the end of
+    training: by then Lightning counts the epoch as finished, and a resume would skip the rest of it.
     """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.should_stop and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._should_skip_saving_checkpoint(trainer):
@@ -114,7 +127,7 @@ class TimedCheckpoint(Checkpoint):
         self._step, now = trainer.global_step, clock()
         if not trainer.strategy.broadcast(now - self._since >= self.minutes * 60):
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # a resume point: optimizer and loop state too
         self._since = now
         _info("step %d: saved %s (every %g min)", trainer.global_step, self.path, self.minutes)
 
@@ -142,12 +155,69 @@ class FlushLogs(L.Callback):
             self._pending = False
 
 
+def rng_state() -> dict[str, Any]:
+    """The global random states (python, numpy, torch, the current CUDA device's), as a checkpoint can hold them
+    (``torch.load(weights_only=True)`` reads no numpy array)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    numpy = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)
+    state = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Put back what ``rng_state`` returned."""
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class ExactResume(L.Callback):
+    """A run resumed from a checkpoint saved at step k, mid-epoch or not, trains on step k+1 as the uninterrupted
+    run did: the same batch and the same random state (dropout, masks), so its losses are the same step for step.
+
+    Why: Lightning restores weights, optimizer and loop counters, but not the global random state, and a plain
+    DataLoader restarts a resumed epoch with a new shuffle (the rest of the epoch was a new draw of batches).
+
+    - Data: the datamodules' training loaders are ``data.samplers.ResumableLoader``s (ConversationDataModule, the
+      stock forecaster's windows): an order seeded per epoch whose place Lightning checkpoints and continues after a
+      resume. A user's own datamodule gets the same with one line (return a ResumableLoader).
+    - Random state: the training stream runs from batch to batch untouched by what runs between them (validation,
+      periodic evaluation, checkpointing, a resume): the state at the end of each training batch is put back at
+      the start of the next one, and it is what a checkpoint holds. Global states only: the same on every rank, as
+      ``seed_everything`` makes them; randomness inside data loading (none in mmlm's datasets) is not covered.
+    """
+
+    def __init__(self) -> None:
+        self._state: dict[str, Any] | None = None  # the state at the end of the last training batch
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._state is not None:
+            set_rng_state(self._state)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._state = rng_state()  # before any checkpoint of this step is saved (Lightning runs those last)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self._state if self._state is not None else rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._state = state_dict.get("rng")
+
+
 def checkpoint_callbacks(dirpath: Path, every_steps: int | None, minutes: float | None) -> list[L.Callback]:
-    """last.ckpt at the end (and every ``every_steps`` steps, and every ``minutes``), logs flushed at each save."""
+    """last.ckpt at the end (and every ``every_steps`` steps, and every ``minutes``), logs flushed at each save,
+    and an exact resume from any of them (``ExactResume``)."""
     steps = LastCheckpoint(dirpath=dirpath, filename="step{step}", save_last=True, save_top_k=0,
                            every_n_train_steps=every_steps or None, enable_version_counter=False)
     timed = [TimedCheckpoint(dirpath / "last.ckpt", minutes)] if minutes is not None else []
-    return [steps, *timed, FlushLogs()]
+    return [steps, *timed, FlushLogs(), ExactResume()]
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from data.samplers import ResumableLoader
 from modality.stock.data.prices import load_source, make_windows
 
 FEATURE_NAMES = ("log_return", "log_volume_change", "log_high_low", "log_close_open")
@@ -120,8 +121,10 @@ class StockForecastDataModule(L.LightningDataModule):
         tickers: Sequence[str] | None = None,
         columns: Mapping[str, str] | None = None,
         date_format: str | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        self.seed = seed  # the training order of each epoch: (seed, epoch)
         self.source, self.context, self.horizon = str(source), context, horizon
         self.batch_size, self.num_workers = batch_size, num_workers
         self.val_frac, self.test_frac = val_frac, test_frac
@@ -167,14 +170,13 @@ class StockForecastDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            drop_last=shuffle and len(self.datasets[split]) > self.batch_size,
-            persistent_workers=self.num_workers > 0,
-        )
+        kwargs = {"batch_size": self.batch_size, "num_workers": self.num_workers,
+                  "drop_last": shuffle and len(self.datasets[split]) > self.batch_size,
+                  "persistent_workers": self.num_workers > 0}
+        if not shuffle:
+            return DataLoader(self.datasets[split], **kwargs)
+        # an order seeded per epoch, and the loader's place in it checkpointed: resume= is exact mid-epoch too
+        return ResumableLoader(self.datasets[split], shuffle=True, seed=self.seed, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

@@ -1,4 +1,5 @@
 import random
+from itertools import chain
 
 import pytest
 from torch.utils.data import DataLoader
@@ -90,3 +91,96 @@ def test_one_group_samples_as_before():
     a = list(LengthGroupedSampler(lengths, 4, seed=3))
     b = list(LengthGroupedSampler(lengths, 4, seed=3, groups=[("speech", False)] * 20))
     assert a == b and sorted(a) == list(range(20))
+
+
+def taken(loader, n: int) -> tuple[list[list[int]], dict]:
+    """The first ``n`` batches of ``loader`` (an iteration left open, as a killed run leaves it) and its state."""
+    it = iter(loader)
+    first = [next(it).tolist() for _ in range(n)]
+    return first, loader.state_dict()
+
+
+@pytest.mark.parametrize("kind", ["shuffle", "length_grouped", "workers"])
+def test_a_resumable_loader_continues_the_epoch_its_state_left_off(kind):
+    """Issue 21: the state of a loader stopped after k batches of epoch 1 makes a new loader (a resumed run) yield
+    exactly the uninterrupted epoch's other batches, then whole epochs as the uninterrupted run."""
+    from data.samplers import ResumableLoader
+
+    def make():
+        if kind == "length_grouped":
+            s = LengthGroupedSampler([float(i % 7) for i in range(50)], batch_size=4, seed=5, mega=3)
+            return ResumableLoader(range(50), batch_size=4, sampler=s, seed=5)
+        workers = {"num_workers": 2, "persistent_workers": True} if kind == "workers" else {}
+        return ResumableLoader(range(50), batch_size=4, shuffle=True, seed=5, **workers)
+
+    whole = make()
+    whole.sampler.set_epoch(1)
+    epoch1 = [b.tolist() for b in whole]
+    whole.sampler.set_epoch(2)
+    epoch2 = [b.tolist() for b in whole]
+    assert len(epoch1) == 13 and epoch1 != epoch2 and sorted(chain(*epoch1)) == list(range(50))
+
+    killed = make()
+    killed.sampler.set_epoch(1)
+    first, state = taken(killed, 5)
+    assert first == epoch1[:5] and state == {"epoch": 1, "batches": 5}
+
+    resumed = make()
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(1)  # Lightning's fit loop: the restored epoch
+    assert len(resumed) == 13  # Lightning counts the whole epoch (its loop knows 5 batches were trained on)
+    it = iter(resumed)
+    rest = [next(it).tolist() for _ in range(3)]
+    assert resumed.state_dict() == {"epoch": 1, "batches": 8}  # a second checkpoint in the resumed epoch
+    rest += [b.tolist() for b in it]
+    assert rest == epoch1[5:]
+    resumed.sampler.set_epoch(2)
+    assert [b.tolist() for b in resumed] == epoch2  # the next epoch whole, not skipped again
+
+
+def test_a_state_of_another_or_a_finished_epoch_skips_nothing():
+    from data.samplers import ResumableLoader
+
+    loader = ResumableLoader(range(20), batch_size=4, shuffle=True, seed=1)
+    loader.sampler.set_epoch(3)
+    whole = [b.tolist() for b in loader]
+    for state in ({"epoch": 2, "batches": 2}, {"epoch": 3, "batches": 5}, {"epoch": 3, "batches": 0}):
+        loader.load_state_dict(state)  # saved at an epoch's end: Lightning goes on with the next epoch, whole
+        assert [b.tolist() for b in loader] == whole, state
+    assert loader.state_dict() == {"epoch": 3, "batches": 5}
+
+
+def test_the_order_is_a_function_of_seed_and_epoch_and_iterating_draws_no_global_random_number():
+    import torch
+
+    from data.samplers import EpochShuffleSampler, ResumableLoader
+
+    a, b = EpochShuffleSampler(range(30), seed=2), EpochShuffleSampler(range(30), seed=2)
+    torch.manual_seed(0)
+    first = list(a)
+    torch.manual_seed(1)  # the global RNG (dropout, a resumed run's restored state) does not decide the order
+    assert list(b) == first and sorted(first) == list(range(30)) and first != list(range(30))
+    b.set_epoch(1)
+    assert list(b) != first and list(EpochShuffleSampler(range(30), seed=3)) != first
+    loader = ResumableLoader(range(30), batch_size=4, shuffle=True, seed=2)
+    before = torch.get_rng_state()
+    assert [i for batch in loader for i in batch.tolist()] == first
+    assert torch.equal(torch.get_rng_state(), before)  # a DataLoader draws its workers' base seed from it
+
+
+def test_the_datamodule_training_loader_is_resumable(tmp_path):
+    import json
+
+    from data.datamodule import ConversationDataModule
+    from data.samplers import EpochShuffleSampler, ResumableLoader
+
+    (tmp_path / "train.jsonl").write_text("".join(
+        json.dumps({"id": str(i), "duration": 1.0 + i % 3, "conversations": [{"from": "human", "value": "say a"},
+                                                                             {"from": "gpt", "value": "a"}]}) + "\n"
+        for i in range(16)))
+    for grouped, sampler in ((False, EpochShuffleSampler), (True, LengthGroupedSampler)):
+        dm = ConversationDataModule(None, {}, {}, train_files=str(tmp_path / "train.jsonl"), batch_size=4,
+                                    group_by_length=grouped, seed=3)
+        loader = dm.train_dataloader()
+        assert isinstance(loader, ResumableLoader) and isinstance(loader.sampler, sampler)
+        assert loader.sampler.seed == 3
