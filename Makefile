@@ -107,8 +107,8 @@ $(STOCK_MODEL)/README.md: $(STOCK_OUT)/eval_test/metrics.json $(STOCK_OUT)/eval_
 
 # the shipped speech model (models/speech-smollm2-135m): phonemes (the adaptor hears sounds, CTC) -> read (LoRA: the
 # LLM writes the words from soft phonemes) -> tone (heads for gender/pitch/speed/accent on the Whisper states) ->
-# instruct (spoken conversations) -> read_text (LoRA reads noised phonemes of text, no audio) -> instruct2 -> held-out
-# evaluations -> pack. Each stage is a file target; a killed stage
+# instruct (spoken conversations) -> read_text (LoRA reads noised phonemes of text, no audio) -> instruct2 -> instruct3
+# (an epoch more) -> instruct4 (+ voice-only conversations) -> held-out evaluations -> pack. Each stage is a file target; a killed stage
 # continues with `python train.py ... resume=auto paths.output_dir=$(SPEECH_OUT)/<stage>`. ~3.5 h on a 2-core CPU.
 # `make speech-qa` continues it with spoken questions (not shipped: it answers them at chance level, bench/RESULTS.md).
 SPEECH_OUT ?= outputs/speech_model
@@ -154,6 +154,23 @@ $(SPEECH_OUT)/instruct2/metrics.json: $(SPEECH_OUT)/read_text/metrics.json
 	  data.group_by_length=true data.system_prompt='' eval.before=false \
 	  data.max_eval_samples=120 checkpoint_every=50 paths.output_dir=$(SPEECH_OUT)/instruct2
 
+# a full epoch of the 2,000 conversations, then 500 x 4 more over them + 1,500 voice-only ones (comparisons most)
+$(SPEECH_OUT)/instruct3/metrics.json: $(SPEECH_OUT)/instruct2/metrics.json
+	$(PY) train.py stage=instruct modality=speech init_from=$(SPEECH_OUT)/instruct2 modality.cache_dir=data_cache/encoder_cache \
+	  stage.adaptor=false stage.optim.lora_lr=1e-3 trainer.max_steps=500 data.batch_size=4 \
+	  data.group_by_length=true data.system_prompt='' eval.before=false \
+	  data.max_eval_samples=120 checkpoint_every=100 paths.output_dir=$(SPEECH_OUT)/instruct3
+
+data_cache/speech/instruct_tone_train.json: data_cache/speech/instruct_train.json
+	$(PY) -m modality.speech.corpus.build --out data_cache/speech --tone 1500
+
+$(SPEECH_OUT)/instruct4/metrics.json: $(SPEECH_OUT)/instruct3/metrics.json data_cache/speech/instruct_tone_train.json
+	$(PY) train.py stage=instruct modality=speech init_from=$(SPEECH_OUT)/instruct3 modality.cache_dir=data_cache/encoder_cache \
+	  'data.train_files=[$${paths.data_dir}/speech/instruct_train.json,$${paths.data_dir}/speech/instruct_tone_train.json]' \
+	  stage.adaptor=false stage.optim.lora_lr=1e-3 trainer.max_steps=500 data.batch_size=4 \
+	  data.group_by_length=true data.system_prompt='' eval.before=false \
+	  data.max_eval_samples=400 checkpoint_every=100 paths.output_dir=$(SPEECH_OUT)/instruct4
+
 data-text: data_cache/speech_text/train.jsonl
 
 data_cache/speech_text/train.jsonl:
@@ -186,13 +203,13 @@ $(SPEECH_OUT)/qa/metrics.json: $(SPEECH_OUT)/instruct2/metrics.json data_cache/s
 
 # transcripts of the 100 held-out clips of every WER table: the LLM's greedy words (its 4 beams re-scored by the phoneme
 # CTC: + eval.num_beams=4 eval.joint_weight=0.3), with the lexicon decoder's words beside them as a reference
-$(SPEECH_OUT)/eval_asr/metrics.json: $(SPEECH_OUT)/instruct2/metrics.json
-	$(PY) train.py stage=evaluate modality=speech init_from=$(SPEECH_OUT)/instruct2 data.eval_manifest=$(SPEECH_LONG)/eval.jsonl \
+$(SPEECH_OUT)/eval_asr/metrics.json: $(SPEECH_OUT)/instruct4/metrics.json
+	$(PY) train.py stage=evaluate modality=speech init_from=$(SPEECH_OUT)/instruct4 data.eval_manifest=$(SPEECH_LONG)/eval.jsonl \
 	  data.max_eval_samples=100 eval.lexicon.reference=true paths.output_dir=$(SPEECH_OUT)/eval_asr
 
 $(SPEECH_MODEL)/README.md: $(SPEECH_OUT)/eval_asr/metrics.json
-	$(PY) -m tasks.pack $(SPEECH_OUT)/instruct2 $(SPEECH_MODEL) --name speech-smollm2-135m --notes @$(SPEECH_MODEL)/NOTES.md \
-	  --eval held-out-voices-asr=$(SPEECH_OUT)/eval_asr --eval held-out-voices-instruct=$(SPEECH_OUT)/instruct2
+	$(PY) -m tasks.pack $(SPEECH_OUT)/instruct4 $(SPEECH_MODEL) --name speech-smollm2-135m --notes @$(SPEECH_MODEL)/NOTES.md \
+	  --eval held-out-voices-asr=$(SPEECH_OUT)/eval_asr --eval held-out-voices-instruct=$(SPEECH_OUT)/instruct4
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
