@@ -183,8 +183,8 @@ class ExactResume(L.Callback):
     Why: Lightning restores weights, optimizer and loop counters, but not the global random state, and a plain
     DataLoader restarts a resumed epoch with a new shuffle (the rest of the epoch was a new draw of batches).
 
-    - Data: the datamodules' training loaders are ``data.samplers.ResumableLoader``s (ConversationDataModule, the
-      stock forecaster's windows): an order seeded per epoch whose place Lightning checkpoints and continues after a
+    - Data: the datamodules' training loaders are ``data.samplers.ResumableLoader``s (ConversationDataModule and the
+      plugins' own datamodules): an order seeded per epoch whose place Lightning checkpoints and continues after a
       resume. A user's own datamodule gets the same with one line (return a ResumableLoader).
     - Random state: the training stream runs from batch to batch untouched by what runs between them (validation,
       periodic evaluation, checkpointing, a resume): the state at the end of each training batch is put back at
