@@ -97,6 +97,8 @@ class TrainableOnlyCheckpoint(L.Callback):
     def __init__(self, meta: dict[str, Any], folder: str | Path | None = None):
         self.meta = dict(meta)
         self.folder = Path(folder) if folder is not None else None
+        if (pid := pack_id_of(self.meta.get("parent"))) is not None:
+            self.meta["parent_pack_id"] = pid  # read_chain refuses the folder once it holds other weights
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         keep = {n for n, p in pl_module.named_parameters() if p.requires_grad}
@@ -106,6 +108,14 @@ class TrainableOnlyCheckpoint(L.Callback):
             checkpoint[PARENT_AT] = str(Path(meta["parent"]).resolve())
             meta["parent"] = relative_parent(meta["parent"], self.folder)
         checkpoint[META_KEY] = meta
+
+
+def pack_id_of(path: str | Path | None) -> str | None:
+    """A packed folder's ``pack_id`` (its weights' digest, written by tasks.pack), else None."""
+    meta = Path(path) / PACKED_META if path else None
+    if meta is None or not meta.is_file():
+        return None
+    return json.loads(meta.read_text()).get("pack_id")
 
 
 def relative_parent(parent: str | Path, folder: str | Path) -> str:
@@ -145,9 +155,17 @@ def read_chain(path: str | Path) -> list[tuple[Path, dict]]:
             raise ValueError(f"{chain[-1][0]}: its parent chain loops back to {p}")
         ckpt = read_checkpoint(p)
         check_finite(ckpt["state_dict"], p)
+        if chain and (want := ckpt_parent_pack(chain[-1][1])) and want != ckpt[META_KEY].get("pack_id"):
+            raise ValueError(f"{chain[-1][0]}: its parent {p} was packed again since this run started from it "
+                             f"(pack id {want}, now {ckpt[META_KEY].get('pack_id')}): its weights are not the ones "
+                             f"this run continued; pack the new model to another folder")
         chain.append((p, ckpt))
         p = parent_of(p, ckpt)
     return chain
+
+
+def ckpt_parent_pack(ckpt: dict) -> str | None:
+    return ckpt[META_KEY].get("parent_pack_id")
 
 
 def key_group(name: str) -> str:

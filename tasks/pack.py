@@ -18,6 +18,7 @@ evaluation or continued training.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -45,6 +46,15 @@ def merged_state(chain: list[tuple[Path, dict]]) -> dict[str, torch.Tensor]:
     return state
 
 
+def file_digest(path: Path) -> str:
+    """The first 16 hex digits of the file's SHA-256: which weights a packed folder holds."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def merged_meta(chain: list[tuple[Path, dict]]) -> dict[str, Any]:
     """Newest-first merge of the chain's metadata; no parent (the folder stands alone)."""
     meta: dict[str, Any] = {}
@@ -54,6 +64,8 @@ def merged_meta(chain: list[tuple[Path, dict]]) -> dict[str, Any]:
                 meta[k] = v
     stages = [s for _, c in reversed(chain) for s in (c[META_KEY].get("stages") or [c[META_KEY]["stage"]])]
     meta.update(parent=None, stages=stages, packed=True)  # a packed parent brings its own stages
+    meta.pop("pack_id", None)
+    meta.pop("parent_pack_id", None)
     meta.pop("trainable", None)
     if meta.get("train_files"):  # provenance only; relative to the working directory, so nothing absolute ships
         meta["train_files"] = [os.path.relpath(f) if Path(f).is_absolute() else f for f in meta["train_files"]]
@@ -132,6 +144,7 @@ def pack(run: str | Path, out: str | Path, evals: dict[str, str | Path] | None =
     if max_mb is not None and size > max_mb:
         tmp.unlink()
         raise ValueError(f"{run}: packed weights are {size:.1f} MB, over the {max_mb} MB limit")
+    meta["pack_id"] = file_digest(tmp)  # a run started from this folder records it (tasks.checkpoint.read_chain)
     tmp.replace(out / PACKED_WEIGHTS)
     (out / PACKED_META).write_text(json.dumps(meta, indent=1, default=str))
     stages = [s for p, c in reversed(chain) for s in _stage_rows(p, c)]

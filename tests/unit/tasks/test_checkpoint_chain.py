@@ -116,6 +116,24 @@ def test_a_parent_pointing_back_is_refused_not_followed_forever(tmp_path):
     one_line(lambda: read_chain(tmp_path / "c.ckpt"), r"c\.ckpt: its parent chain loops back to")
 
 
+def test_a_run_from_a_packed_folder_refuses_it_once_it_was_packed_again(chain, tmp_path):
+    """Packing a new model into the folder a run started from used to swap that run's base weights silently (and
+    count its stages twice on the next card)."""
+    from tasks.pack import pack
+
+    out, instruct, _ = chain
+    pack(out / "instruct" / "i1", tmp_path / "models" / "m", max_mb=None)
+    child = save(instruct, out / "instruct" / "i2", "instruct", parent=tmp_path / "models" / "m")
+    assert [p.name for p, _ in read_chain(child)] == ["last.ckpt", "m"]  # the pack it started from: fine
+    with torch.no_grad():
+        for prm in instruct.parameters():
+            if prm.requires_grad:
+                prm.add_(1.0)
+    save(instruct, out / "instruct" / "i3", "instruct")
+    pack(out / "instruct" / "i3", tmp_path / "models" / "m", max_mb=None)  # another model into the same folder
+    one_line(lambda: read_chain(child), rf"i2/checkpoints/last\.ckpt: its parent {tmp_path}/models/m was packed again")
+
+
 # ------------------------------------------------------------------ keys against the trainable set
 def test_align_to_instruct_loads_with_fresh_lora(tmp_path):
     """The legal growth: LoRA, absent from the align checkpoint, stays as initialised."""
