@@ -155,17 +155,13 @@ def read_chain(path: str | Path) -> list[tuple[Path, dict]]:
             raise ValueError(f"{chain[-1][0]}: its parent chain loops back to {p}")
         ckpt = read_checkpoint(p)
         check_finite(ckpt["state_dict"], p)
-        if chain and (want := ckpt_parent_pack(chain[-1][1])) and want != ckpt[META_KEY].get("pack_id"):
+        if chain and (want := chain[-1][1][META_KEY].get("parent_pack_id")) and want != ckpt[META_KEY].get("pack_id"):
             raise ValueError(f"{chain[-1][0]}: its parent {p} was packed again since this run started from it "
                              f"(pack id {want}, now {ckpt[META_KEY].get('pack_id')}): its weights are not the ones "
                              f"this run continued; pack the new model to another folder")
         chain.append((p, ckpt))
         p = parent_of(p, ckpt)
     return chain
-
-
-def ckpt_parent_pack(ckpt: dict) -> str | None:
-    return ckpt[META_KEY].get("parent_pack_id")
 
 
 def key_group(name: str) -> str:

@@ -48,11 +48,8 @@ def merged_state(chain: list[tuple[Path, dict]]) -> dict[str, torch.Tensor]:
 
 def file_digest(path: Path) -> str:
     """The first 16 hex digits of the file's SHA-256: which weights a packed folder holds."""
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def merged_meta(chain: list[tuple[Path, dict]]) -> dict[str, Any]:
