@@ -173,6 +173,10 @@ class Modality(L.LightningModule, abc.ABC):
     align_requires: str | None = None  # a stage whose checkpoint stage=align needs (a pretrained encoder), if any
     cache_dir: str | None = None       # set by a plugin that caches its frozen encoder's outputs
 
+    def bind_llm(self, tokenizer: Any, llm: nn.Module) -> None:
+        """Called once the run's LLM is loaded and its placeholders added, before stages and LoRA apply: a plugin
+        whose inputs are tokens of the LLM's own vocabulary adds them (and their rows) here. Default: nothing."""
+
     def resolve(self, ref: Any, root: str | None = None) -> Any:
         """The identity of an input (e.g. its absolute path): the key of the encoder cache."""
         return ref

@@ -177,6 +177,8 @@ def build(cfg: Config, policy: StagePolicy, batch_size: int) -> Built:
             system_prompt = next((m["system_prompt"] for m in metas if m.get("system_prompt") is not None), None)
     placeholder_ids = add_placeholder_tokens(lm.tokenizer, lm.model, [m.placeholder for m in modalities.values()])
     ids = {k: placeholder_ids[m.placeholder] for k, m in modalities.items()}
+    for m in modalities.values():  # e.g. a plugin's own tokens added to the LLM's vocabulary
+        m.bind_llm(lm.tokenizer, lm.model)
     dm = instantiate_accepting(cfg.data, tokenizer=lm.tokenizer, modalities=modalities, placeholder_ids=ids,
                                batch_size=batch_size, system_prompt=system_prompt)
 
