@@ -24,7 +24,7 @@ from data.datamodule import ConversationDataModule
 from modality.stock.data.prices import check_length, load_source
 from modality.stock.data.signals import compute_signals
 from modality.stock.data.outlook import FORECAST_TYPES
-from modality.stock.data.text import PLACEHOLDER, QUESTION_TYPES, window_record, write_records
+from modality.stock.data.text import PLACEHOLDER, QUESTION_TYPES, RECORD_FILES, window_record, write_records
 
 
 def csv_records(source: str | Path, context: int, n_windows: int = 8, columns: Mapping[str, str] | None = None,
@@ -145,4 +145,7 @@ class StockConversationDataModule(ConversationDataModule):
                           self.csv_out)
             self.files["eval"] = [str(self.csv_out)]
             self._records.pop("eval", None)
+        ours = any(Path(f).name in RECORD_FILES for fs in self.files.values() for f in fs)
+        if self.prepare is not None and ours:  # the derived record folder: rebuilt when stale or damaged (text.stale_reason)
+            self.prepare()
         super().prepare_data()

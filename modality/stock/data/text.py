@@ -10,18 +10,22 @@ a short checkable ``reference``), sampling windows from one leak-free split.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
+from data.jsonl import atomic_open, write_json
 from modality.stock.data.prices import load_source, make_windows
 from modality.stock.data import outlook
 from modality.stock.data.outlook import FORECAST_TYPES
 from modality.stock.data.patterns import Pattern, pattern_words
 from modality.stock.data.signals import Signals, compute_signals
 
+log = logging.getLogger(__name__)
 PLACEHOLDER = "<stock>"
 
 
@@ -271,15 +275,44 @@ def build_records(
 
 
 def write_records(records: list[dict], path: str | Path) -> Path:
-    """Write records as .json (a list) or .jsonl (one per line)."""
+    """Write records as .json (a list) or .jsonl (one per line), atomically (a kill leaves no partial file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    with atomic_open(path) as f:
         if path.suffix == ".jsonl":
             f.writelines(json.dumps(r) + "\n" for r in records)
         else:
             json.dump(records, f, indent=1)
     return path
+
+
+MANIFEST = "records_manifest.json"  # what prepare_records wrote: its settings, each file's record count and digest
+
+
+def _digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def stale_reason(out: str | Path, settings: Mapping[str, object]) -> str | None:
+    """Why the record files in ``out`` cannot be used as they are (None: they are what ``settings`` build).
+    Why: the folder is a derived cache; a file cut short (even at a line boundary, which reads as fewer records),
+    edited, or built with other settings would otherwise be used silently."""
+    out = Path(out)
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"no {MANIFEST} (written by an older version, or an interrupted build)"
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{MANIFEST} is damaged"
+    if manifest.get("settings") != json.loads(json.dumps(dict(settings))):
+        return f"built with other settings ({manifest.get('settings')})"
+    for name, entry in manifest.get("files", {}).items():
+        path = out / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _digest(path) != entry.get("sha256"):
+            return f"{name} changed since it was built (a truncated or edited file)"
+    return None
 
 
 RECORD_FILES = tuple(f"stock_{k}_{s}.jsonl" for k in ("align", "instruct") for s in ("train", "val", "test")) + (
@@ -307,8 +340,17 @@ def prepare_records(
     for several answers). ``holdout`` tickers are left out of every file but
     ``stock_qa_heldout.jsonl`` (their test period): instruments the model never saw.
     """
-    paths = []
     holdout = [str(t) for t in holdout or ()]
+    settings = {"source": source, "context": context, "horizon": horizon, "n_align": n_align, "n_instruct": n_instruct,
+                "eval_frac": eval_frac, "seed": seed, "n_qa": n_qa, "n_turns": n_turns, "holdout": holdout}
+    reason = stale_reason(out, settings)
+    if reason is None:
+        files = json.loads((Path(out) / MANIFEST).read_text())["files"]
+        return [Path(out) / name for name in files]
+    if (Path(out) / MANIFEST).exists() or any((Path(out) / f).exists() for f in RECORD_FILES):
+        log.warning("%s: rebuilding the stock records: %s", out, reason)
+    (Path(out) / MANIFEST).unlink(missing_ok=True)  # a build killed half-way leaves no manifest: rebuilt next time
+    paths = []
     for kind, n in (("align", n_align), ("instruct", n_instruct)):
         for split in ("train", "val", "test"):
             count = n if split == "train" else max(1, int(n * eval_frac))
@@ -320,6 +362,8 @@ def prepare_records(
     if holdout:
         recs = build_records(source, context, horizon, "test", "qa", n_qa, seed=seed, tickers=holdout)
         paths.append(write_records(recs, Path(out) / "stock_qa_heldout.jsonl"))
+    files = {p.name: {"records": sum(1 for _ in open(p, "rb")), "sha256": _digest(p)} for p in paths}
+    write_json(Path(out) / MANIFEST, {"settings": settings, "files": files})
     return paths
 
 

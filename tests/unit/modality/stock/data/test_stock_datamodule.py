@@ -126,3 +126,27 @@ def test_majority_and_spec():
     assert m["accuracy/a"] == round(2 / 3, 4) and m["accuracy/b"] == 1.0
     with pytest.raises(ValueError, match="n_closes"):
         TextBaselineSpec(n_closes=0)
+
+
+def test_datamodule_rebuilds_a_damaged_record_folder_of_its_own_but_never_calls_prepare_for_a_users_files(tmp_path):
+    from functools import partial
+
+    from modality.stock.data.text import prepare_records
+
+    calls = []
+
+    def prepare() -> None:
+        calls.append(1)
+        partial(prepare_records, tmp_path / "rec", context=CONTEXT, horizon=5, n_align=3, n_instruct=2, eval_frac=0.5,
+                n_qa=12)()
+
+    train = tmp_path / "rec" / "stock_align_train.jsonl"
+    dm = StockConversationDataModule(None, {}, {}, train_files=str(train), prepare=prepare)
+    dm.prepare_data()  # missing: built
+    train.write_text(train.read_text().splitlines(keepends=True)[0])  # cut to one record
+    StockConversationDataModule(None, {}, {}, train_files=str(train), prepare=prepare).prepare_data()
+    assert len(train.read_text().splitlines()) == 3 and len(calls) == 2
+    own = tmp_path / "mine.jsonl"
+    own.write_text(train.read_text())
+    StockConversationDataModule(None, {}, {}, train_files=str(own), prepare=prepare).prepare_data()
+    assert len(calls) == 2

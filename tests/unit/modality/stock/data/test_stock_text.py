@@ -101,3 +101,27 @@ def test_heldout_tickers_stay_out_of_training_and_get_their_own_file(tmp_path):
         assert tickers == {"NVDA_2013"} if p.name == "stock_qa_heldout.jsonl" else "NVDA_2013" not in tickers, p.name
     with pytest.raises(ValueError, match="no series"):
         build_records(tickers=["NOPE_1999"], n=1)
+
+
+def test_the_record_folder_is_rebuilt_when_damaged_or_built_otherwise_and_reused_when_current(tmp_path, caplog):
+    """A derived cache: a file cut at a line boundary reads as fewer records, so only its digest can tell."""
+    from modality.stock.data.text import MANIFEST, stale_reason
+
+    kw = dict(context=64, horizon=5, n_align=4, n_instruct=2, eval_frac=0.5, n_qa=12)
+    paths = prepare_records(tmp_path, **kw)
+    train = tmp_path / "stock_align_train.jsonl"
+    stamp = {p.name: p.stat().st_mtime_ns for p in paths}
+    assert prepare_records(tmp_path, **kw) == paths  # current: nothing rewritten
+    assert {p.name: p.stat().st_mtime_ns for p in paths} == stamp
+    lines = train.read_text().splitlines(keepends=True)
+    train.write_text("".join(lines[:2]))  # cut at a line boundary: still valid JSONL
+    with caplog.at_level("WARNING"):
+        prepare_records(tmp_path, **kw)
+    assert "stock_align_train.jsonl changed since it was built" in caplog.text
+    assert train.read_text().splitlines(keepends=True) == lines  # rebuilt, the same records
+    prepare_records(tmp_path, **{**kw, "n_align": 6})  # other settings: rebuilt with them
+    assert len(train.read_text().splitlines()) == 6
+    (tmp_path / MANIFEST).unlink()  # a folder from an older version (or a build killed half-way)
+    assert "no records_manifest.json" in stale_reason(tmp_path, {})
+    prepare_records(tmp_path, **kw)
+    assert len(train.read_text().splitlines()) == 4 and (tmp_path / MANIFEST).is_file()
