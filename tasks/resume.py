@@ -211,13 +211,32 @@ class ExactResume(L.Callback):
         self._state = state_dict.get("rng")
 
 
+class ResumeKeys(L.Callback):
+    """A resumed run holds exactly the weights its checkpoint trained: the checkpoint's weights must be this model's
+    trainable set, name for name. Why: Lightning loads with the model's ``strict_loading=False`` (checkpoints hold
+    only what trains), so a checkpoint of another architecture would load in part and train on, silently."""
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        from tasks.checkpoint import _first, _groups
+
+        trainable = sorted(n for n, p in pl_module.named_parameters() if p.requires_grad)
+        saved = sorted(checkpoint.get("state_dict", {}))
+        extra, missing = [k for k in saved if k not in set(trainable)], [k for k in trainable if k not in set(saved)]
+        if extra or missing:
+            what = (f"{len(extra)} weight(s) this model does not train ({_first(extra)})" if extra else
+                    f"no {len(missing)} of this model's trainable weight(s) ({_first(missing)})")
+            raise ValueError(f"resume: the checkpoint holds {what}; this model trains {_groups(trainable)}, the "
+                             f"checkpoint {_groups(saved)} (another architecture or stage settings: init_from= "
+                             f"starts a new run from its weights)")
+
+
 def checkpoint_callbacks(dirpath: Path, every_steps: int | None, minutes: float | None) -> list[L.Callback]:
     """last.ckpt at the end (and every ``every_steps`` steps, and every ``minutes``), logs flushed at each save,
-    and an exact resume from any of them (``ExactResume``)."""
+    and an exact resume from any of them (``ExactResume``) of the same trainable set (``ResumeKeys``)."""
     steps = LastCheckpoint(dirpath=dirpath, filename="step{step}", save_last=True, save_top_k=0,
                            every_n_train_steps=every_steps or None, enable_version_counter=False)
     timed = [TimedCheckpoint(dirpath / "last.ckpt", minutes)] if minutes is not None else []
-    return [steps, *timed, FlushLogs(), ExactResume()]
+    return [steps, *timed, FlushLogs(), ExactResume(), ResumeKeys()]
 
 
 @dataclass(frozen=True)

@@ -185,3 +185,37 @@ def test_a_resumed_learning_curve_file_drops_the_points_after_the_checkpoint(tmp
     curve.load_state_dict({"curve": [{"step": 2, "wer": 0.9}], "eval_seconds": 1.5})
     curve.on_train_start(SimpleNamespace(is_global_zero=True), None)
     assert path.read_text() == '{"step": 2, "wer": 0.9}\n' and curve.eval_seconds == 1.5
+
+
+class Wider(Tiny):
+    """Another architecture: one more trainable weight than Tiny."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = nn.Linear(2, 1)
+
+
+class FrozenHalf(Tiny):
+    """Tiny with its bias frozen: a checkpoint of Tiny holds a weight this model does not train."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w.bias.requires_grad_(False)
+
+
+@pytest.mark.parametrize("other, error", [(Wider, r"holds no 2 of this model's trainable weight\(s\) \(extra.bias, "
+                                                  r"extra.weight\)"),
+                                         (FrozenHalf, r"holds 1 weight\(s\) this model does not train \(w.bias\)")])
+def test_resume_refuses_a_checkpoint_of_another_trainable_set(tmp_path, other, error):
+    from tasks.checkpoint import TrainableOnlyCheckpoint
+
+    cbs = lambda: [*checkpoint_callbacks(tmp_path / "ck", None, None), TrainableOnlyCheckpoint({"stage": "align"})]
+    fit(tmp_path, cbs(), 2, default_root_dir=tmp_path)
+    last = str(tmp_path / "ck" / "last.ckpt")
+    trainer = L.Trainer(max_steps=4, callbacks=cbs(), logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", plugins=with_atomic_io(None), default_root_dir=tmp_path)
+    model = other()
+    model.strict_loading = False  # as MultimodalLM: checkpoints hold only what trains
+    with pytest.raises(ValueError, match=error):
+        trainer.fit(model, ckpt_path=last)
+    fit(tmp_path, cbs(), 4, ckpt_path=last, default_root_dir=tmp_path)  # the same trainable set resumes
