@@ -38,6 +38,7 @@ class RunStats(L.Callback):
         self._before = 0.0
         self._excluded = 0.0
         self._running = False
+        self._starts: list[float] = []  # this fit's step start times: the steady-state step time (median)
 
     def exclude(self, seconds: float) -> None:
         """Take ``seconds`` (an evaluation inside the fit) out of the training time."""
@@ -62,6 +63,17 @@ class RunStats(L.Callback):
         self._excluded = 0.0
         self._running = True
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._starts.append(time.perf_counter())
+
+    def step_seconds(self) -> float | None:
+        """Median wall time from one step's start to the next one's (data, forward, backward, optimizer, callbacks
+        and logging: all a step costs), the first two steps (warm-up) left out; None under 4 steps. Why: the
+        average over a short run is dominated by its first steps."""
+        gaps = sorted(b - a for a, b in zip(self._starts[2:], self._starts[3:]))
+        return round(gaps[len(gaps) // 2], 4) if gaps else None
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -85,6 +97,7 @@ class RunStats(L.Callback):
             "train_seconds": round(self.seconds, 2),
             "samples_per_second": round(self.samples / self.seconds, 3) if self.seconds else None,
             "seconds_per_step": round(self.seconds / max(1, trainer.global_step), 3) if self.seconds else None,
+            "step_seconds_median": self.step_seconds(),  # this process's steps only
             "trainable_params": sum(p.numel() for _, p in params if p.requires_grad),
             "total_params": sum(p.numel() for _, p in params),
         }

@@ -61,3 +61,15 @@ def test_run_stats_leave_excluded_evaluation_time_out_of_training_time(monkeypat
     stats.exclude(12.5)  # an evaluation inside the fit
     stats.on_train_end(None, None)
     assert stats.seconds == pytest.approx(17.5)
+
+
+def test_run_stats_step_time_is_the_median_gap_between_step_starts_after_warm_up(monkeypatch):
+    import tasks.callbacks as cb
+
+    starts = iter([0.0, 9.0, 12.0, 13.0, 14.5, 15.5, 16.5, 30.0])  # two slow warm-up steps, then ~1 s, one 13.5 s
+    monkeypatch.setattr(cb.time, "perf_counter", lambda: next(starts))
+    stats = cb.RunStats()
+    assert stats.step_seconds() is None
+    for i in range(8):
+        stats.on_train_batch_start(None, None, None, i)
+    assert stats.step_seconds() == 1.0  # gaps from the third start: 1, 1.5, 1, 1, 13.5
