@@ -15,9 +15,11 @@ The two alternate ``--reps`` times (medians: least disturbed by other processes)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +54,10 @@ def mmlm_step(cfg: Any) -> float:
     return float(run(cfg)["step_seconds_median"])
 
 
-def plain_steps(cfg: Any, steps: int) -> dict[str, float]:
-    """Median seconds per part over ``steps`` steps (the first two left out, as RunStats does)."""
+def plain_steps(cfg: Any, steps: int, prepare: Callable[[Any], None] | None = None,
+                context: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
+    """Median seconds per part over ``steps`` steps (the first two left out, as RunStats does). ``prepare``
+    changes the built model first (e.g. compiles its LLM); each step runs inside ``context()`` (e.g. autocast)."""
     from tasks.runner import build, stage_policy
 
     torch.manual_seed(cfg.seed)
@@ -61,42 +65,52 @@ def plain_steps(cfg: Any, steps: int) -> dict[str, float]:
     model, dm = b.model, b.dm
     dm.prepare_data()
     model.train()
+    if prepare is not None:
+        prepare(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98))
     clip = cfg.trainer.get("gradient_clip_val")
     times: dict[str, list[float]] = {k: [] for k in (*PARTS, "step")}
     batches = iter(dm.train_dataloader())
     for i in range(steps):
-        t = [time.perf_counter()]
-        batch = next(batches)
-        t.append(time.perf_counter())
-        outs = {}
-        for name, entry in batch["modal"].items():
-            m = model.modalities[name]
-            if entry["kind"] == "hidden":  # a cached encoder output
-                hidden, lengths = entry["values"], entry["mask"].sum(1)
-            else:
-                with torch.no_grad():
-                    hidden, lengths = m.encode_frozen(entry["values"], entry["mask"])
-            t.append(time.perf_counter())
-            outs[name] = m.adapt(hidden, lengths)
-        t.append(time.perf_counter())
-        model.adapt_all = lambda _batch, outs=outs: outs  # embed() merges these (an instance attribute: this model only)
-        embeds, _, mask = model.embed(batch)
-        loss = model.lm_loss(embeds, mask, batch["labels"])
-        t.append(time.perf_counter())
-        loss.backward()
-        t.append(time.perf_counter())
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, float(clip))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        t.append(time.perf_counter())
+        with context():
+            t = _step(model, batches, params, opt, float(clip) if clip else None)
         if i >= 2:
             for k, a, c in zip(PARTS, t, t[1:]):
                 times[k].append(c - a)
             times["step"].append(t[-1] - t[0])
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _step(model: Any, batches: Any, params: list[torch.Tensor], opt: torch.optim.Optimizer,
+          clip: float | None) -> list[float]:
+    """One hand-written training step; the clock read between its parts (PARTS)."""
+    t = [time.perf_counter()]
+    batch = next(batches)
+    t.append(time.perf_counter())
+    outs = {}
+    for name, entry in batch["modal"].items():
+        m = model.modalities[name]
+        if entry["kind"] == "hidden":  # a cached encoder output
+            hidden, lengths = entry["values"], entry["mask"].sum(1)
+        else:
+            with torch.no_grad():
+                hidden, lengths = m.encode_frozen(entry["values"], entry["mask"])
+        t.append(time.perf_counter())
+        outs[name] = m.adapt(hidden, lengths)
+    t.append(time.perf_counter())
+    model.adapt_all = lambda _batch: outs  # embed() merges these (an instance attribute: this model only)
+    embeds, _, mask = model.embed(batch)
+    loss = model.lm_loss(embeds, mask, batch["labels"])
+    t.append(time.perf_counter())
+    loss.backward()
+    t.append(time.perf_counter())
+    if clip:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    t.append(time.perf_counter())
+    return t
 
 
 def main(argv: list[str] | None = None) -> None:
