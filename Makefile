@@ -16,7 +16,7 @@ STOCK_TRAIN_TICKERS = [AAPL_2000,AAPL_2013,AMZN_2013,GOOG_2004,GOOG_2013,IBM_200
 STOCK_DATA = data_cache/stock/v3_c256_h20
 STOCK_INSTRUCT_STEPS ?= 150
 
-.PHONY: install apt pip data stock-model speech-model speech-qa data-long data-text data-qa data-wordnet data-wordnet-defs align-long align-phonemes demo test test-fast bench clean
+.PHONY: install apt pip data stock-model speech-model speech-qa speech-real data-long data-text data-qa data-real data-wordnet data-wordnet-defs align-long align-phonemes demo test test-fast bench clean
 
 install: apt pip
 
@@ -170,6 +170,18 @@ $(SPEECH_OUT)/instruct4/metrics.json: $(SPEECH_OUT)/instruct3/metrics.json data_
 	  stage.adaptor=false stage.optim.lora_lr=1e-3 trainer.max_steps=500 data.batch_size=4 \
 	  data.group_by_length=true data.system_prompt='' eval.before=false \
 	  data.max_eval_samples=400 checkpoint_every=100 paths.output_dir=$(SPEECH_OUT)/instruct4
+
+# real human speech (a 30 s recorded conversation shipped in the pyannote.audio 4.0.7 wheel, 13 utterances) and the
+# shipped speech model's transcripts of it next to Whisper tiny.en's own decoder (bench/real_speech.py)
+data-real: data_cache/speech_real/eval.jsonl
+
+data_cache/speech_real/eval.jsonl:
+	$(PY) -m modality.speech.corpus.real --out data_cache/speech_real
+
+speech-real: data_cache/speech_real/eval.jsonl
+	$(PY) train.py stage=evaluate modality=speech init_from=$(SPEECH_MODEL) data.eval_manifest=data_cache/speech_real/eval.jsonl \
+	  paths.output_dir=$(SPEECH_OUT)/eval_real
+	$(PY) -m bench.real_speech data_cache/speech_real/eval.jsonl --predictions $(SPEECH_OUT)/eval_real/predictions.jsonl
 
 data-text: data_cache/speech_text/train.jsonl
 

