@@ -128,6 +128,19 @@ def card(name: str, meta: dict[str, Any], stages: list[dict[str, Any]], evals: d
     return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
 
 
+def local_paths(value: Any, root: Path | None = None) -> Any:
+    """``value`` with every absolute path under ``root`` (the working directory) written relative to it: a card's
+    provenance (an evaluation's ``init_from`` chain) reads the same on every machine and names no home folder."""
+    root = (root or Path.cwd()).resolve()
+    if isinstance(value, dict):
+        return {k: local_paths(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [local_paths(v, root) for v in value]
+    if isinstance(value, str) and value.startswith("/") and Path(value).is_relative_to(root):
+        return str(Path(value).relative_to(root)) or "."
+    return value
+
+
 def pack(run: str | Path, out: str | Path, evals: dict[str, str | Path] | None = None, name: str | None = None,
          notes: str = "", max_mb: float | None = 25.0) -> Path:
     """Write the packed folder ``out`` from the checkpoint chain of ``run`` (see the module docstring)."""
@@ -145,7 +158,7 @@ def pack(run: str | Path, out: str | Path, evals: dict[str, str | Path] | None =
     tmp.replace(out / PACKED_WEIGHTS)
     (out / PACKED_META).write_text(json.dumps(meta, indent=1, default=str))
     stages = [s for p, c in reversed(chain) for s in _stage_rows(p, c)]
-    ev = {label: json.loads((Path(d) / "metrics.json").read_text()) for label, d in (evals or {}).items()}
+    ev = {label: local_paths(json.loads((Path(d) / "metrics.json").read_text())) for label, d in (evals or {}).items()}
     write_json(out / "metrics.json", {"stages": [{k: s.get(k) for k in ("stage",) + CARD_KEYS} for s in stages],
                                       "evaluations": ev, "size_mb": round(size, 3)}, indent=1)  # strict, atomic
     (out / "README.md").write_text(card(name or out.name, meta, stages, ev, size, notes))

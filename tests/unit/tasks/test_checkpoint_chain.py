@@ -171,3 +171,13 @@ def test_a_chain_missing_part_of_its_lora_is_refused(chain, tmp_path):
     path = save(instruct, tmp_path / "i2", "instruct", drop=(lora,))
     one_line(lambda: load_chain(model("instruct"), path, LLM, ["toy"]),
              rf"lacks 1 trainable weight\(s\) of a component it provides: {lora};")
+
+
+def test_a_cards_provenance_paths_are_written_relative_to_the_working_directory(tmp_path):
+    from tasks.pack import local_paths
+
+    m = {"init_from": [str(tmp_path / "outputs/run/checkpoints/last.ckpt"), "/elsewhere/x.ckpt"], "wer": 0.5,
+         "nested": {"train_files": [str(tmp_path / "data/a.json")]}, "note": "/ not a path under root"}
+    assert local_paths(m, tmp_path) == {"init_from": ["outputs/run/checkpoints/last.ckpt", "/elsewhere/x.ckpt"],
+                                        "wer": 0.5, "nested": {"train_files": ["data/a.json"]},
+                                        "note": "/ not a path under root"}
