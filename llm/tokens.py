@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from llm.vocab import GrownEmbedding
+
 DEFAULT_CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}Assistant: {% endif %}"
@@ -20,6 +22,8 @@ def add_placeholder_tokens(tokenizer: Any, model: nn.Module, tokens: list[str]) 
     values never matter; mean init keeps the output softmax sane. Returns token -> id.
     """
     new = [t for t in tokens if t not in tokenizer.get_vocab()]
+    if new and isinstance(model.get_input_embeddings(), GrownEmbedding):  # resizing would undo the frozen/new split
+        raise ValueError(f"placeholders {new} must be added before a plugin's own vocabulary (llm.vocab)")
     if new:
         tokenizer.add_tokens(new, special_tokens=True)
     vocab = len(tokenizer)

@@ -3,6 +3,8 @@
 Each checkpoint carries ``ckpt["mmlm"] = {stage, llm, modalities, parent}``; ``parent`` is the
 checkpoint it was initialised from. Loading walks that chain, so an instruct run gets the
 encoder a standalone stage pretrained, the adaptor (align) and its own LoRA, each from where it trained.
+Beside what trains, a checkpoint carries a plugin's buffers named ``carried_*``: frozen state fitted from data
+(the discrete speech path's k-means codebook), so a run evaluates where the file it was fitted into is absent.
 
 ``parent`` is stored relative to the checkpoint's own folder (older checkpoints: absolute), with the absolute
 path beside it (``PARENT_AT``, outside the metadata a packed folder ships): a chain moved or copied as one folder
@@ -24,6 +26,23 @@ from torch import nn
 META_KEY = "mmlm"
 PACKED_WEIGHTS, PACKED_META = "model.safetensors", "mmlm.json"  # a packed model folder (tasks.pack)
 PARENT_AT = "mmlm_parent_at"  # top-level key: the parent's absolute path when saved (the fallback for a run moved alone)
+CARRIED = "carried_"  # a buffer so named is frozen state fitted from data (a k-means codebook): checkpoints keep it too
+
+
+def carried_buffers(module: nn.Module, finite: bool = True) -> dict[str, torch.Tensor]:
+    """Buffers named ``carried_*`` (that hold finite values: ``finite``): state a plugin fitted from data, which a
+    run on another machine (where the file it was fitted into is absent) must read from the checkpoint."""
+    return {n: b for n, b in module.named_buffers() if n.rsplit(".", 1)[-1].startswith(CARRIED)
+            and not (finite and not bool(torch.isfinite(b).all()))}
+
+
+def restore_carried(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy the carried buffers ``state`` holds into ``module`` and take them out of ``state`` (a resumed run's
+    checkpoint then holds exactly its trainable set, as tasks.resume.ResumeKeys checks)."""
+    own = carried_buffers(module, finite=False)
+    with torch.no_grad():
+        for k in [k for k in state if k in own]:
+            own[k].copy_(state.pop(k))
 
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -102,7 +121,8 @@ class TrainableOnlyCheckpoint(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         keep = {n for n, p in pl_module.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        carried = set(carried_buffers(pl_module))
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep | carried}
         meta = dict(self.meta, trainable=sorted(keep))
         if self.folder is not None and meta.get("parent"):
             checkpoint[PARENT_AT] = str(Path(meta["parent"]).resolve())
@@ -199,6 +219,7 @@ def load_chain(model: nn.Module, path: str | Path | list[tuple[Path, dict]], llm
     chain = path if isinstance(path, list) else read_chain(path)
     own = dict(model.named_parameters())
     trainable = [n for n, p in own.items() if p.requires_grad]
+    own.update(carried_buffers(model, finite=False))  # a codebook fitted from data, beside what trains
     provided: set[str] = set()
     for p, ckpt in reversed(chain):
         meta = ckpt[META_KEY]

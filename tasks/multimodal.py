@@ -84,6 +84,13 @@ class MultimodalLM(L.LightningModule):
                 self.llm.eval()
         return self
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A resumed run: state a plugin fitted from data (a k-means codebook, tasks.checkpoint.carried_buffers)
+        is restored here, before Lightning loads what trains."""
+        from tasks.checkpoint import restore_carried
+
+        restore_carried(self, checkpoint.get("state_dict", {}))
+
     def on_fit_start(self) -> None:
         self.train()  # HF loads models in eval mode; Lightning keeps whatever mode it finds
 
@@ -98,7 +105,7 @@ class MultimodalLM(L.LightningModule):
         """
         input_ids = batch["input_ids"]
         attention_mask = batch["attention_mask"]
-        table = self.llm.get_input_embeddings().weight
+        table = self.table() if len(self.objectives) else None
         embeds = self.llm.get_input_embeddings()(input_ids)  # [B, L, D]
         outs = self.adapt_all(batch)
         for name, (out, lengths) in outs.items():
@@ -120,6 +127,11 @@ class MultimodalLM(L.LightningModule):
                 embeds = merge_embeddings(embeds, input_ids == self.placeholder_ids[name],
                                           valid_rows(rows, entry["mask"].sum(1)))
         return embeds, outs, attention_mask
+
+    def table(self) -> Tensor:
+        """The LLM's input table [V, D] for objectives that read rows. Read only when one does: with new vocabulary
+        rows (llm.vocab) it is a concatenation of the whole table."""
+        return self.llm.get_input_embeddings().weight
 
     def symbol_rows(self, name: str, symbols: Tensor, table: Tensor) -> Tensor:
         """[n, N, V] class distributions -> [n, N, D] rows from the objective that owns those classes."""
@@ -153,7 +165,7 @@ class MultimodalLM(L.LightningModule):
         else:  # auxiliary objectives only: the LLM never runs, a step costs the adaptor (and the objectives)
             outs = self.adapt_all(batch)
             result = {"loss": torch.zeros((), device=self.device)}
-        table = self.llm.get_input_embeddings().weight
+        table = self.table() if any(o.weight > 0 for o in self.objectives.values()) else None
         for objective in self.objectives.values():
             if objective.weight > 0:
                 for k, v in objective.loss(outs, batch, table).items():
@@ -181,8 +193,8 @@ class MultimodalLM(L.LightningModule):
         if B == 0:
             return None
         result, outs = self(batch, with_outputs=True)
-        if split == "val":
-            table = self.llm.get_input_embeddings().weight
+        if split == "val" and len(self.objectives):
+            table = self.table()
             with torch.no_grad():
                 for objective in self.objectives.values():
                     objective.validation_batch(outs, batch, table)

@@ -25,11 +25,18 @@ class StagePolicy:
 
 
 def apply_stage(llm: nn.Module, modalities: nn.ModuleDict, policy: StagePolicy) -> None:
-    """Freeze everything but what ``policy`` trains. LoRA layers must already wrap ``llm``."""
+    """Freeze everything but what ``policy`` trains. LoRA layers must already wrap ``llm``.
+
+    New vocabulary rows a plugin added (llm.vocab) train exactly when adaptors do (align, instruct; not
+    evaluate): they are how the LLM reads that plugin's inputs. The LLM's own rows stay frozen."""
+    from llm.vocab import new_rows
+
     for name, p in llm.named_parameters():
         p.requires_grad_(policy.lora and "lora_" in name)
     for m in modalities.values():
         m.set_trainable(encoder=policy.encoder, adaptor=policy.adaptor)
+    for rows in new_rows(llm):
+        rows.requires_grad_(policy.adaptor)
 
 
 def trainable_names(module: nn.Module) -> list[str]:

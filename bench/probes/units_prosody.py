@@ -5,7 +5,7 @@
 Tokenises clips with modality=speech_units (real Whisper tiny.en + a k-means codebook fitted on
 the train manifest, fitted on first use) and, with NO training of the LLM, predicts each held-out
 voice clip's TTS labels from two token statistics:
-  pitch_class (low/medium/high)  <- mean pitch-token bin over voiced windows
+  pitch_class (low/medium/high)  <- the register token (the clip's median F0; pitch tokens are relative to it)
   speed_class (slow/normal/fast) <- semantic units per second (after repeats collapse)
 by the nearest class mean fitted on train clips. The transcript carries neither (its accuracy is the
 majority baseline). Also: Spearman correlation of the mean pitch bin with the clip's measured F0.
@@ -24,11 +24,11 @@ import torch
 
 
 def stats(m, ids: torch.Tensor, duration: float) -> tuple[float, float]:
+    """(register bin, NaN when unvoiced; unit tokens per second)."""
     h = m.hp
-    p0 = h.n_units
-    pitch = [int(t) - p0 for t in ids if p0 <= int(t) < p0 + h.pitch_bins]
+    register = int(ids[0]) - h.register0
     units = sum(1 for t in ids if int(t) < h.n_units)
-    return (sum(pitch) / len(pitch) if pitch else float("nan")), units / duration
+    return (float(register) if register < h.register_bins else float("nan")), units / duration
 
 
 def nearest_mean(train: list[tuple[float, str]], test: list[tuple[float, str]]) -> float:
@@ -95,7 +95,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for k, v in out.items():
         print(f"| {k} | {v['tokens']:.1%} | {v['majority']:.1%} | {v['n']} |")
-    print(f"Spearman(mean pitch bin, measured F0) on held-out clips: {spearman(*zip(*ev)):.3f}")
+    print(f"Spearman(register bin, measured F0) on held-out clips: {spearman(*zip(*ev)):.3f}")
 
 
 if __name__ == "__main__":

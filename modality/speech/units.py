@@ -1,16 +1,15 @@
-"""Discrete speech: semantic units (k-means over frozen Whisper frames) + pitch and energy tokens.
+"""Discrete speech: semantic units (k-means over frozen Whisper frames) + prosody tokens, as REAL tokens of the
+LLM's vocabulary (``<unit_17>``, ``<pitch_3>``, ``<register_2>``, ``<dur_1>``, ``<rate_0>``, ...).
 
-Why a second speech path: text drops tone. Here a clip becomes a token sequence the LLM reads
-through NEW vocabulary rows (this plugin's trainable embedding table, merged at ``<speech>``
-exactly like the continuous path): every ``prosody_every`` seconds a pitch token (log-F0 bin, or
-unvoiced) and an energy token (dB bin), then the de-duplicated semantic units of that window.
+Why a second speech path: text drops tone. A clip becomes a token sequence (layout: modality.speech.prosody)
+that the LLM reads through new rows of its own input table and can WRITE through new rows of its head
+(llm.vocab: old rows frozen bitwise, the new ones train as this plugin's adaptor). ``bind_llm`` adds the tokens;
+the collator still expands ``<speech>`` to one slot per token and ``adapt`` fills the slots with the LLM's own
+embeddings of those ids, so placeholder counts and the rest of the contract are unchanged.
 
-    <pitch_5> <energy_2> <unit_17> <unit_3> <unit_88> <pitch_5> <energy_2> <unit_40> ...
-
-The whole front end (audio -> Whisper -> k-means, audio -> F0/energy) is frozen and runs on the
-data side, once per clip, with its ids cached: the model side is an embedding lookup. The rows
-are input-only: SmolLM2 ties input and output embeddings, so adding them to its matrix would
-also add unit logits to every text answer. They are saved as the adaptor (what trains).
+The whole front end (audio -> Whisper -> k-means, audio -> F0/energy) is frozen and runs on the data side, once
+per clip, with its ids cached. The k-means codebook is a buffer the checkpoints carry (``carried_centroids``,
+tasks.checkpoint): a run evaluated on a machine without the codebook file reads it from the checkpoint.
 """
 
 from __future__ import annotations
@@ -18,9 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,113 +28,31 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from data.jsonl import read_jsonl
+from llm.vocab import NewRows, add_tokens
 from modality.base import Modality
+from modality.speech.plugin import PACKAGED, SpeechModality
+from modality.speech.prosody import UnitsHParams, frame_prosody, kmeans, layout
 from modality.speech.records import manifest_record
-from modality.speech.plugin import PACKAGED, SAMPLE_RATE, SpeechModality
 
 log = logging.getLogger(__name__)
-FRAME = SAMPLE_RATE // 100  # prosody frames: 10 ms hop
-ENCODER_HZ = 50             # Whisper encoder frames per second
 
 
-@dataclass
-class UnitsHParams:
-    d_llm: int
-    n_units: int = 128
-    pitch_bins: int = 8          # log-spaced over [f0_min, f0_max]; plus one "unvoiced" token
-    energy_bins: int = 4         # uniform over [energy_floor, 0] dBFS
-    unit_stack: int = 2          # encoder frames averaged per unit: 50 Hz -> 25 Hz
-    prosody_every: float = 0.2   # seconds per (pitch, energy) pair
-    dedup: bool = True           # collapse repeated units (HuBERT-style)
-    f0_min: float = 60.0
-    f0_max: float = 400.0
-    energy_floor: float = -60.0
-    target_rms: float | None = None
+class CpuState(nn.Module):
+    """Holds buffers that stay on the CPU, in float32, whatever the model is moved or cast to: the data side
+    (DataLoader workers included, which must never touch a GPU) reads them."""
 
-    def __post_init__(self) -> None:
-        if self.d_llm is None or int(self.d_llm) < 1:
-            raise ValueError(f"d_llm must be a positive int, got {self.d_llm!r}")
-        for k in ("n_units", "pitch_bins", "energy_bins", "unit_stack"):
-            if int(getattr(self, k)) < 1:
-                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
-        window = self.prosody_every * ENCODER_HZ / self.unit_stack
-        if window < 1 or abs(window - round(window)) > 1e-6:
-            raise ValueError(f"prosody_every ({self.prosody_every} s) must hold a whole number >= 1 of units "
-                             f"({ENCODER_HZ}/{self.unit_stack} per second)")
-        if not 0 < self.f0_min < self.f0_max:
-            raise ValueError(f"need 0 < f0_min < f0_max, got {self.f0_min}, {self.f0_max}")
-        if not self.energy_floor < 0:
-            raise ValueError(f"energy_floor must be < 0 dBFS, got {self.energy_floor}")
-
-    @property
-    def vocab(self) -> int:
-        return self.n_units + self.pitch_bins + 1 + self.energy_bins
-
-    @property
-    def units_per_window(self) -> int:
-        return round(self.prosody_every * ENCODER_HZ / self.unit_stack)
-
-
-def frame_prosody(wave: Tensor, f0_min: float = 60.0, f0_max: float = 400.0) -> tuple[Tensor, Tensor]:
-    """Waveform [S] (16 kHz) -> (F0 Hz [F] with NaN where unvoiced, energy dBFS [F]), one per 10 ms.
-
-    Autocorrelation over 40 ms windows: the smallest lag whose peak reaches 0.9 of the best one in
-    [1/f0_max, 1/f0_min] (the plain argmax halves F0 on high voices), voiced when that peak holds
-    half the frame's energy and the frame is not near-silent.
-    """
-    n = 4 * FRAME
-    wave = wave.float()
-    frames_out = max(1, wave.shape[0] // FRAME)
-    x = F.pad(wave, (n // 2, n // 2 + FRAME * frames_out))
-    frames = x.unfold(0, n, FRAME)[:frames_out]                      # [F, n]
-    frames = frames - frames.mean(1, keepdim=True)
-    energy = frames.pow(2).mean(1)                                   # [F]
-    db = 10 * torch.log10(wave.unfold(0, FRAME, FRAME).pow(2).mean(1).clamp(min=1e-10)) if wave.shape[0] >= FRAME \
-        else torch.full((1,), -100.0)
-    db = F.pad(db, (0, frames_out - db.shape[0]), value=-100.0)[:frames_out]
-    spec = torch.fft.rfft(frames, 2 * n, dim=1)
-    ac = torch.fft.irfft(spec.abs().pow(2), dim=1)[:, :n]            # [F, n] autocorrelation by lag
-    lo, hi = int(SAMPLE_RATE / f0_max), min(n - 1, int(SAMPLE_RATE / f0_min))
-    seg = ac[:, lo - 1:hi + 2]                                       # [F, lags + 2]: a neighbour each side
-    mid = seg[:, 1:-1]
-    peaks = (mid >= seg[:, :-2]) & (mid >= seg[:, 2:])               # local maxima only (not the lag-0 slope)
-    best = torch.where(peaks, mid, torch.full_like(mid, -float("inf"))).max(1).values
-    first = (peaks & (mid >= 0.9 * best[:, None])).float().argmax(1)  # the smallest near-best peak
-    lag = lo + first
-    peak = ac.gather(1, lag[:, None]).squeeze(1)
-    loud = energy > 0.05 * energy.max().clamp(min=1e-12)
-    voiced = loud & (peak > 0.5 * ac[:, 0].clamp(min=1e-12))
-    f0 = torch.where(voiced, SAMPLE_RATE / lag.float(), torch.full_like(peak, float("nan")))
-    return f0, db
-
-
-def kmeans(x: Tensor, k: int, iters: int = 25, seed: int = 0) -> Tensor:
-    """Lloyd's k-means with k-means++ seeding on rows of x [N, D] -> centroids [k, D]."""
-    if x.shape[0] < k:
-        raise ValueError(f"k-means needs at least k={k} frames, got {x.shape[0]}")
-    g = torch.Generator().manual_seed(seed)
-    c = x[torch.randint(x.shape[0], (1,), generator=g)]
-    d2 = torch.cdist(x, c).squeeze(1).pow(2)
-    for _ in range(1, k):
-        nxt = torch.multinomial(d2.clamp(min=1e-12), 1, generator=g)
-        c = torch.cat([c, x[nxt]])
-        d2 = torch.minimum(d2, (x - x[nxt]).pow(2).sum(1))
-    for _ in range(iters):
-        assign = torch.cdist(x, c).argmin(1)
-        sums = torch.zeros_like(c).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k).clamp(min=1)[:, None].to(x)
-        empty = torch.bincount(assign, minlength=k) == 0
-        c = torch.where(empty[:, None], c, sums / counts)
-    return c
+    def _apply(self, fn: Any, recurse: bool = True) -> "CpuState":
+        return self
 
 
 class SpeechUnitsModality(Modality):
-    """Speech as discrete tokens: frozen Whisper + k-means codebook + prosody bins; trainable rows.
+    """Speech as discrete tokens of the LLM: frozen Whisper + k-means codebook + prosody bins; trainable rows.
 
-    ``codebook`` is a safetensors file of centroids; when it does not exist it is fitted once on
-    ``fit_clips`` clips of ``fit_manifest`` (a NeMo manifest) and saved there. ``cache_dir`` keeps
-    each clip's token ids (and, below it, the encoder outputs used to fit and tokenise, unless
-    ``encoder_cache_dir`` names another folder: the continuous path's cache is the same format).
+    ``codebook`` is a safetensors file of centroids, read when it exists; otherwise the codebook comes from the
+    checkpoint chain (``init_from``) or, at first use, is fitted on ``fit_clips`` clips of ``fit_manifest`` (a
+    NeMo manifest) and saved there. ``cache_dir`` keeps each clip's token ids (and, below it, the encoder outputs
+    used to fit and tokenise, unless ``encoder_cache_dir`` names another folder: the continuous path's cache is
+    the same format).
     """
 
     name = "speech"
@@ -144,52 +60,75 @@ class SpeechUnitsModality(Modality):
     input_key = "audio"
 
     def __init__(self, *, d_llm: int, codebook: str, fit_manifest: str | None = None, fit_clips: int = 600,
-                 encoder_name: str = PACKAGED, n_units: int = 128, pitch_bins: int = 8, energy_bins: int = 4,
+                 encoder_name: str = PACKAGED, n_units: int = 128, pitch_bins: int = 7, energy_bins: int = 4,
                  unit_stack: int = 2, prosody_every: float = 0.2, dedup: bool = True, f0_min: float = 60.0,
                  f0_max: float = 400.0, energy_floor: float = -60.0, target_rms: float | None = None,
-                 max_seconds: float = 30.0, overlong: str = "error", cache_dir: str | None = None,
-                 encoder_cache_dir: str | None = None, tiny: bool | dict = False):
+                 pitch_semitones: float = 6.0, register_bins: int = 8, dur_edges: tuple[int, ...] = (2, 3, 5),
+                 rate_bins: int = 4, max_seconds: float = 30.0, overlong: str = "error", cache_dir: str | None = None,
+                 encoder_cache_dir: str | None = None, tiny: bool | dict = False, front: SpeechModality | None = None):
         super().__init__()
         self.hp = UnitsHParams(int(d_llm), n_units, pitch_bins, energy_bins, unit_stack, prosody_every, dedup,
-                               f0_min, f0_max, energy_floor, target_rms)
-        self.save_hyperparameters()
+                               f0_min, f0_max, energy_floor, target_rms, pitch_semitones, register_bins,
+                               tuple(dur_edges), rate_bins)
+        self.save_hyperparameters(ignore=["front"])
         self.d_llm, self.cache_dir = self.hp.d_llm, cache_dir
         # The Whisper front end lives outside the module tree: it only ever runs data-side (CPU, frozen),
         # so it is never moved to a device, sharded, counted as a model parameter or checkpointed.
-        enc_cache = encoder_cache_dir or (str(Path(cache_dir) / "encoder") if cache_dir else None)
-        front = SpeechModality(d_llm=1, hidden=1, encoder_name=encoder_name, tiny=tiny, max_seconds=max_seconds,
-                               overlong=overlong, cache_dir=enc_cache)
-        object.__setattr__(self, "front", front.eval())
-        self.encoder = nn.Module()  # holds the frozen codebook (a buffer; no parameters)
-        self.encoder.register_buffer("centroids", self._codebook(Path(codebook), fit_manifest, fit_clips))
-        self.adaptor = nn.Embedding(self.hp.vocab, self.d_llm)  # the new vocabulary rows
-        nn.init.normal_(self.adaptor.weight, std=self.hp.target_rms or 1.0)  # RMS of the LLM's own rows
-        self._fingerprint = hashlib.sha1((front.fingerprint + json.dumps(asdict(self.hp), sort_keys=True) +
-                                          str(self.encoder.centroids.sum().item())).encode()).hexdigest()[:16]
+        # ``front``: a continuous speech plugin to read frames from instead (modality.speech.hybrid shares its own).
+        if front is None:
+            enc_cache = encoder_cache_dir or (str(Path(cache_dir) / "encoder") if cache_dir else None)
+            front = SpeechModality(d_llm=1, hidden=1, encoder_name=encoder_name, tiny=tiny, max_seconds=max_seconds,
+                                   overlong=overlong, cache_dir=enc_cache).eval()
+        object.__setattr__(self, "front", front)
+        self.codebook_path, self.fit_manifest, self.fit_clips = Path(codebook), fit_manifest, fit_clips
+        self.encoder = CpuState()  # holds the frozen codebook: a buffer checkpoints carry (NaN until known)
+        self.encoder.register_buffer("carried_centroids", self._read_codebook())
+        self.adaptor = NewRows(self.hp.vocab, self.d_llm, std=self.hp.target_rms or 1.0)  # the new vocabulary rows
+        object.__setattr__(self, "llm_embed", None)  # the LLM's (grown) input table, once bound
+        self.first_id: int | None = None            # the LLM id of local token 0, once bound
         self.set_trainable(encoder=False, adaptor=True)
 
     # ------------------------------------------------------------------ vocabulary
     def token_names(self) -> list[str]:
-        h = self.hp
-        return ([f"<unit_{i}>" for i in range(h.n_units)] + [f"<pitch_{i}>" for i in range(h.pitch_bins)] +
-                ["<pitch_uv>"] + [f"<energy_{i}>" for i in range(h.energy_bins)])
+        return self.hp.token_names()
 
     def describe(self, ids: Tensor) -> str:
         names = self.token_names()
         return " ".join(names[int(i)] for i in ids)
 
+    def bind_llm(self, tokenizer: Any, llm: nn.Module) -> None:
+        """Add this plugin's tokens to the LLM's vocabulary (llm.vocab.add_tokens: rows = this adaptor)."""
+        self.first_id = add_tokens(tokenizer, llm, self.token_names(), self.adaptor)
+        object.__setattr__(self, "llm_embed", llm.get_input_embeddings())
+
     # ------------------------------------------------------------------ codebook
-    def _codebook(self, path: Path, manifest: str | None, clips: int) -> Tensor:
-        if path.is_file():
-            c = load_file(str(path))["centroids"].float()
-            if c.shape != (self.hp.n_units, self.front.hidden_size):
-                raise ValueError(f"{path}: codebook of shape {tuple(c.shape)}, need ({self.hp.n_units}, "
-                                 f"{self.front.hidden_size}) for n_units={self.hp.n_units} and this encoder")
-            return c
-        if not manifest:
+    @property
+    def centroids(self) -> Tensor:
+        """The codebook [n_units, H]: read, carried by the checkpoint chain, or fitted now (first use)."""
+        c = self.encoder.carried_centroids
+        if not bool(torch.isfinite(c).all()):
+            with torch.no_grad():
+                c.copy_(self._fit_codebook())
+        return c
+
+    def _read_codebook(self) -> Tensor:
+        path, shape = self.codebook_path, (self.hp.n_units, self.front.hidden_size)
+        if not path.is_file():
+            return torch.full(shape, float("nan"))
+        c = load_file(str(path))["centroids"].float()
+        if c.shape != shape:
+            raise ValueError(f"{path}: codebook of shape {tuple(c.shape)}, need {shape} for n_units="
+                             f"{self.hp.n_units} and this encoder")
+        return c
+
+    def _fit_codebook(self) -> Tensor:
+        path, manifest = self.codebook_path, self.fit_manifest
+        if path.is_file():  # written since (e.g. by another rank)
+            return self._read_codebook()
+        if not manifest or not Path(manifest).is_file():
             raise ValueError(f"{path}: no unit codebook; set modality.fit_manifest=<train manifest> to fit one "
-                             f"(k-means over encoder frames, saved there)")
-        rows = read_jsonl(manifest)[:clips]
+                             f"(k-means over encoder frames, saved there), or init_from=<a run that carries it>")
+        rows = read_jsonl(manifest)[:self.fit_clips]
         paths = [self.front.resolve(r["audio_filepath"], str(Path(manifest).parent)) for r in rows]
         frames = torch.cat([self._pooled(self._hidden(p)) for p in self._progress(paths, "unit codebook: encode")])
         log.info("fitting %d units on %d frames of %d clips", self.hp.n_units, frames.shape[0], len(paths))
@@ -197,6 +136,11 @@ class SpeechUnitsModality(Modality):
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"centroids": c.contiguous()}, str(path), metadata={"manifest": str(manifest), "clips": str(len(paths))})
         return c
+
+    def fingerprint(self) -> str:
+        """What the cached ids depend on: the front end, the layout and the codebook."""
+        key = self.front.fingerprint + json.dumps(asdict(self.hp), sort_keys=True) + str(self.centroids.sum().item())
+        return hashlib.sha1(key.encode()).hexdigest()[:16]
 
     @staticmethod
     def _progress(items: list, desc: str) -> Any:
@@ -226,33 +170,15 @@ class SpeechUnitsModality(Modality):
         return x.sum(1) / n[:, None]
 
     # ------------------------------------------------------------------ tokenising
+    def units(self, hidden: Tensor) -> Tensor:
+        """Encoder output [T', H] -> the nearest centroid per unit frame [U]."""
+        pooled = self._pooled(hidden)
+        return torch.cdist(pooled, self.centroids.to(pooled.device)).argmin(1).cpu()
+
     def tokens(self, hidden: Tensor, wave: Tensor) -> Tensor:
-        """Encoder output [T', H] + waveform [S] -> token ids [N] in this plugin's vocabulary."""
-        h = self.hp
-        units = torch.cdist(self._pooled(hidden), self.encoder.centroids).argmin(1)   # [U]
-        f0, db = frame_prosody(wave, h.f0_min, h.f0_max)                                # [F], [F]
-        per = h.units_per_window
-        fpw = round(h.prosody_every * 100)  # 10 ms frames per window
-        out: list[int] = []
-        prev = -1
-        p0, e0 = h.n_units, h.n_units + h.pitch_bins + 1
-        for w in range(math.ceil(units.shape[0] / per)):
-            f = f0[w * fpw:(w + 1) * fpw]
-            voiced = f[~f.isnan()]
-            if voiced.numel() >= max(1, f.numel() // 4):
-                pos = (voiced.median().log() - math.log(h.f0_min)) / (math.log(h.f0_max) - math.log(h.f0_min))
-                pitch = p0 + int((pos * h.pitch_bins).clamp(0, h.pitch_bins - 1))
-            else:
-                pitch = p0 + h.pitch_bins  # unvoiced
-            e = db[w * fpw:(w + 1) * fpw]
-            level = float(e.mean()) if e.numel() else -100.0
-            energy = e0 + int(min(h.energy_bins - 1, max(0.0, (level - h.energy_floor) / -h.energy_floor * h.energy_bins)))
-            out += [pitch, energy]
-            for u in units[w * per:(w + 1) * per].tolist():
-                if not (h.dedup and u == prev):
-                    out.append(u)
-                prev = u
-        return torch.tensor(out, dtype=torch.long)
+        """Encoder output [T', H] + waveform [S] -> local token ids [N] (layout: modality.speech.prosody)."""
+        f0, db = frame_prosody(wave, self.hp.f0_min, self.hp.f0_max)
+        return layout(self.hp, self.units(hidden), f0, db)
 
     # ------------------------------------------------------------------ data side
     def read_record(self, line: dict, where: str, rng: Any) -> dict | None:
@@ -271,7 +197,7 @@ class SpeechUnitsModality(Modality):
 
     def _ids_path(self, path: Path) -> Path:
         st = path.stat()
-        key = f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}|{self._fingerprint}"
+        key = f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}|{self.fingerprint()}"
         digest = hashlib.sha1(key.encode()).hexdigest()
         return Path(self.cache_dir) / "ids" / digest[:2] / f"{digest}.safetensors"
 
@@ -313,11 +239,13 @@ class SpeechUnitsModality(Modality):
         return features, mask.sum(1)
 
     def adapt(self, hidden: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        """ids [B, N] -> (rows [B, N, d_llm], lengths); padded positions give zeros."""
+        """Local ids [B, N] -> (the LLM's input rows of those tokens [B, N, d_llm], lengths); padding gives zeros.
+        Bound to an LLM, rows come through its own (grown) input table exactly as a written ``<unit_k>`` would."""
         w = self.adaptor.weight
-        ids = hidden.to(w.device).long()
+        ids = hidden.to(w.device).long().clamp(0, self.hp.vocab - 1)
         valid = torch.arange(ids.shape[1], device=w.device)[None, :] < lengths.to(w.device)[:, None]
-        return self.adaptor(ids.clamp(0, self.hp.vocab - 1)) * valid[..., None].to(w), lengths.to(w.device)
+        rows = self.adaptor(ids) if self.llm_embed is None else self.llm_embed(ids + self.first_id)
+        return rows * valid[..., None].to(rows), lengths.to(w.device)
 
     def extra_repr(self) -> str:
         return f"{asdict(self.hp)}, vocab={self.hp.vocab}"
