@@ -184,6 +184,29 @@ def score(types: list[str], refs: list[str], preds: list[str], ids: list[str] | 
     return out
 
 
+def input_sets(batch: dict) -> list[str]:
+    """Per sample of a collated batch: the modalities it holds inputs of, joined by '+' ("text": none)."""
+    held: list[set[str]] = [set() for _ in batch["ids"]]
+    for name, part in batch.get("modal", {}).items():
+        for i in part["sample_index"].tolist():
+            held[i].add(name)
+    return ["+".join(sorted(h)) or "text" for h in held]
+
+
+def score_by_inputs(held: list[str], types: list[str], refs: list[str], preds: list[str]) -> dict[str, float]:
+    """``score`` again per set of inputs (``input_sets``), as ``inputs/<set>/<metric>``, when the evaluation set mixes
+    several. Why: one run over several modalities reports each one's numbers (one input alone, another alone, both)
+    beside the overall ones, which a larger share of one kind would otherwise hide."""
+    if len(set(held)) < 2:
+        return {}
+    out: dict[str, float] = {}
+    for key in sorted(set(held)):
+        pick = [i for i, h in enumerate(held) if h == key]
+        part = score([types[i] for i in pick], [refs[i] for i in pick], [preds[i] for i in pick])
+        out.update({f"inputs/{key}/{k}": v for k, v in part.items()})
+    return out
+
+
 @torch.no_grad()
 def run_generation(model, loader, max_new_tokens: int, predictions_path: Path | None = None,
                    desc: str = "evaluate", num_beams: int = 1, progress: bool = True,
@@ -208,7 +231,7 @@ def _run_generation(model, loader, max_new_tokens, predictions_path, desc, num_b
     was_training = model.training
     model.eval()
     decoder = model.decoder
-    types, refs, preds, rows, skipped, ids = [], [], [], [], [], []
+    types, refs, preds, rows, skipped, ids, held = [], [], [], [], [], [], []
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
         skipped += batch["skipped"]
         if batch["input_ids"].shape[0] == 0:
@@ -222,19 +245,22 @@ def _run_generation(model, loader, max_new_tokens, predictions_path, desc, num_b
         else:
             outs = model.generate(batch, max_new_tokens=max_new_tokens, num_beams=num_beams)
             extras = [{}] * len(outs)
+        inputs = input_sets(batch)
         for i, (t, r, p, extra) in enumerate(zip(batch["types"], batch["references"], outs, extras)):
             if r is not None:  # scored (None: an unanswered question, unanswered_ok)
+                held.append(inputs[i])
                 types.append(t)
                 ids.append(str(batch["ids"][i]))
                 refs.append(r)
                 preds.append(p)
             trimmed = trim_repeats(p)
-            rows.append({"id": batch["ids"][i], "type": t, "reference": r, "prediction": trimmed,
+            rows.append({"id": batch["ids"][i], "type": t, "inputs": inputs[i], "reference": r, "prediction": trimmed,
                          **({"raw_prediction": p} if trimmed != p else {}), **extra})
     model.train(was_training)
     metrics = score(types, refs, [trim_repeats(p) for p in preds], ids)
     if "wer" in metrics:
         metrics["wer_raw"] = score(types, refs, preds, ids)["wer"]
+    metrics.update(score_by_inputs(held, types, refs, [trim_repeats(p) for p in preds]))
     if decoder is not None:
         metrics.update(decoder.metrics(rows))
     metrics["trimmed_loops"] = sum("raw_prediction" in r for r in rows)

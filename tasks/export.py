@@ -7,7 +7,8 @@
   modality beside it in ``modality/`` (as ``adaptor`` writes it).
 - ``adaptor``: the modality's trained weights as safetensors (``adaptor.safetensors``; ``encoder.safetensors``
   too when the chain trained the encoder, e.g. a pretrained time-series encoder) plus ``config.json`` (the modality's
-  settings, its placeholder, the LLM it feeds and the frozen encoder it expects).
+  settings, its placeholder, the LLM it feeds and the frozen encoder it expects); a model of several modalities
+  (modality=mixed) gets one such folder per modality, ``<out>/<name>/``.
 
 Each folder gets a ``README.md`` model card (tasks.pack.card: base models, stages, steps, CPU time, metrics, the
 git commit). Every other ``key=value`` is a train.py override (e.g. ``llm=...``).
@@ -20,9 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from tasks.checkpoint import META_KEY, read_chain
+from tasks.composition import plugin_nodes
+from llm.vocab import materialize
 from tasks.pack import _run_metrics, card, merged_meta
 
 FORMATS = ("peft", "merged", "adaptor")
@@ -44,21 +48,31 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
 
 
 def write_modality(built: Any, out: Path) -> list[str]:
-    """The modality's trained weights (adaptor; the encoder if the chain trained it) + config.json; file names."""
-    out.mkdir(parents=True, exist_ok=True)
-    name, modality = next(iter(built.modalities.items()))
-    trained = set().union(*(set(ckpt["state_dict"]) for _, ckpt in read_chain(built.chain[0])))
+    """Each plugin's trained weights (adaptor; the encoder if the chain trained it) + config.json, into ``out`` (one
+    plugin) or ``out/<name>/`` each (several, modality=mixed); the files written, relative to ``out``."""
+    chain = read_chain(built.chain[0])
+    nodes = plugin_nodes(built.modality_cfg)
     written = []
-    for part in ("adaptor", "encoder"):
-        state = {k: v.detach().contiguous() for k, v in getattr(modality, part).state_dict().items()}
-        chain_trained = part == "adaptor" or any(k.startswith(f"{part}.") for k in trained)
-        if state and chain_trained:
-            save_file(state, str(out / f"{part}.safetensors"), metadata={"format": "pt"})
-            written.append(f"{part}.safetensors")
-    mod_cfg = {k: v for k, v in json.loads(json.dumps(dict(built.modality_cfg), default=str)).items()}
-    config = {"modality": name, "placeholder": modality.placeholder, "llm": built.lm.name,
-              "d_llm": built.lm.hidden_size, "settings": mod_cfg, "files": written}
-    (out / "config.json").write_text(json.dumps(config, indent=1))
+    for name, modality in built.modalities.items():
+        dest = out if len(built.modalities) == 1 else out / name
+        dest.mkdir(parents=True, exist_ok=True)
+        trained = {k.removeprefix(f"modalities.{name}.") if c[META_KEY].get("llm") else k
+                   for _, c in chain for k in c["state_dict"]
+                   if k.startswith(f"modalities.{name}.") or (not c[META_KEY].get("llm")
+                                                              and (c[META_KEY].get("modalities") or [name])[0] == name)}
+        files = []
+        for part in ("adaptor", "encoder"):
+            state = {k: v.detach().contiguous() for k, v in getattr(modality, part).state_dict().items()}
+            chain_trained = part == "adaptor" or any(k.startswith(f"{part}.") for k in trained)
+            if state and chain_trained:
+                save_file(state, str(dest / f"{part}.safetensors"), metadata={"format": "pt"})
+                files.append(f"{part}.safetensors")
+        node = nodes.get(name, nodes.get(""))
+        settings = json.loads(json.dumps(OmegaConf.to_container(node, resolve=True), default=str))
+        config = {"modality": name, "placeholder": modality.placeholder, "llm": built.lm.name,
+                  "d_llm": built.lm.hidden_size, "settings": settings, "files": files}
+        (dest / "config.json").write_text(json.dumps(config, indent=1))
+        written += [str((dest / f).relative_to(out)) for f in files]
     return written
 
 
@@ -73,7 +87,7 @@ def export(built: Any, fmt: str, out: str | Path) -> Path:
     if fmt == "peft":
         llm.save_pretrained(str(out), safe_serialization=True)
     elif fmt == "merged":
-        merged = llm.merge_and_unload()
+        merged = materialize(llm.merge_and_unload())  # a plugin's own vocabulary rows become plain table rows
         merged.config.use_cache = True
         merged.save_pretrained(str(out), safe_serialization=True)
         built.model.tokenizer.save_pretrained(str(out))

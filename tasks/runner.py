@@ -20,6 +20,9 @@ from hydra.core.hydra_config import HydraConfig
 from data.jsonl import dumps, write_json
 from llm.lora import LoraSpec
 from llm.tokens import add_placeholder_tokens
+from tasks.composition import (ARCH_MODALITY_KEYS, UsageError, _inherit_modality,
+                               modality_for, modality_label, plugin_baselines, plugin_decoder, plugin_nodes,
+                               prerequisite, saved_modality_cfg)
 from tasks.caches import PrecomputeCaches, precompute_caches
 from tasks.callbacks import NonFiniteGuard, PeriodicEval, RunStats, StopFile
 from tasks.checkpoint import META_KEY, TrainableOnlyCheckpoint, load_chain, local_path, read_chain, resume_path
@@ -30,10 +33,6 @@ from tasks.stages import StagePolicy
 from tasks.tracking import RunTracking, loggers_for, tracking_callbacks
 
 log = logging.getLogger(__name__)
-
-
-class UsageError(ValueError):
-    """A run that cannot start as configured; train.py prints it as one line."""
 
 
 @dataclass
@@ -81,48 +80,6 @@ def build_trainer(cfg: Config, out: Path, callbacks: list[L.Callback]) -> L.Trai
                        logger=loggers or False, default_root_dir=str(out), plugins=plugins)
 
 
-RUNTIME_MODALITY_KEYS = ("d_llm", "target_rms")  # filled from the LLM at run time, never inherited
-# what shapes the trained weights: an align run continuing an align run takes these from it
-ARCH_MODALITY_KEYS = ("encoder_name", "encoder_layers", "stack", "adaptor", "hidden", "layers", "heads")
-
-
-def _inherit_modality(cfg: Config, metas: list[dict], keys: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """stage=evaluate / instruct build the modality as the chain trained it (adaptor kind, widths, compression,
-    ...), so ``stage=instruct|evaluate init_from=<run>`` works for any run; keys given on the command line win.
-    An align run continuing an align run takes only ``keys`` (the architecture, ARCH_MODALITY_KEYS): it may
-    change compression or masking on purpose. Returns the settings taken from the checkpoint (the composed
-    config is not changed: the builder applies them)."""
-    saved = next((m["modality_cfg"] for m in metas if m.get("modality_cfg")), None)
-    if not saved or saved.get("_target_") != cfg.modality.get("_target_"):
-        return {}
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        given = {o.split("=", 1)[0].lstrip("+~").removeprefix("modality.") for o in HydraConfig.get().overrides.task
-                 if o.lstrip("+~").startswith("modality.")}
-    except ValueError:  # no Hydra run (a plain compose): nothing was given on a command line
-        given = set()
-    return {k: v for k, v in saved.items()
-            if k not in given and k not in RUNTIME_MODALITY_KEYS and (keys is None or k in keys) and cfg.modality.get(k) != v}
-
-
-def _prerequisite(cfg: Config, policy: StagePolicy, modality: Any, metas: list[dict]) -> list[dict]:
-    """``metas`` (the init_from chain's, newest first), after checking the stage may start."""
-    needs = policy.requires
-    if policy.name == "align" and modality.align_requires:
-        needs = modality.align_requires
-    if not cfg.get("init_from"):
-        if needs and not cfg.get("allow_no_init"):
-            raise UsageError(f"stage={policy.name} modality={modality.name} needs init_from=<a {needs} run dir "
-                             f"or .ckpt> (run `python train.py stage={needs} modality={modality.name}` first; "
-                             f"allow_no_init=true starts from scratch anyway)")
-        return []
-    stages = [st for m in metas for st in m.get("stages", [m["stage"]])]  # a packed model lists its chain's
-    if needs and needs not in stages and policy.name not in stages and needs != "any":
-        raise UsageError(f"init_from={cfg.init_from} holds stages {stages}; stage={policy.name} needs a {needs} run")
-    return metas
-
-
 def _check_scale(cfg: Config) -> int:
     """World size, precision and quant backend checked before any work (llm.sharding.check_scale); returns the
     per-device batch: data.batch_size, or with +global_batch_size=N, N / (world x accumulate), exactly.
@@ -165,9 +122,16 @@ def build(cfg: Config, policy: StagePolicy, batch_size: int) -> Built:
         log.info("%s: modality settings from the checkpoint: %s", policy.name, taken)
     modality_cfg = OmegaConf.merge(cfg.modality, taken)  # a new node: the composed config stays as composed
     lm = instantiate(cfg.llm.model)
-    modality = instantiate_accepting(modality_cfg, d_llm=lm.hidden_size, target_rms=lm.embedding_rms)
-    modalities = {modality.name: modality}
-    metas = _prerequisite(cfg, policy, modality, chain_metas)
+    modalities: dict[str, Any] = {}
+    for key, node in plugin_nodes(modality_cfg).items():  # one plugin, or several keyed by name (modality=mixed)
+        m = instantiate_accepting(node, d_llm=lm.hidden_size, target_rms=lm.embedding_rms)
+        if key and key != m.name:
+            raise UsageError(f"modality.plugins.{key} builds the {m.name!r} plugin: key it modality.plugins.{m.name}")
+        if m.name in modalities:
+            raise UsageError(f"modality: two plugins named {m.name!r} (one per name)")
+        modalities[m.name] = m
+    modality = next(iter(modalities.values()))
+    metas = prerequisite(cfg, policy, modalities, chain_metas, modality_label(cfg, modalities))
     lora_meta = next((m["lora"] for m in metas if m.get("lora")), None)
     lora = LoraSpec(**(lora_meta or OmegaConf.to_container(cfg.llm.lora)))
     system_prompt = cfg.data.get("system_prompt")
@@ -193,22 +157,12 @@ def build(cfg: Config, policy: StagePolicy, batch_size: int) -> Built:
                          lm_weight=cfg.stage.get("lm_weight", 1.0), objectives=objectives, chain_lora=bool(lora_meta))
     chain: list[Path] = []
     if cfg.get("init_from"):
-        standalone = {m["stage"]: f"modalities.{modality.name}." for m in metas if not m.get("llm")}
+        # a standalone stage trained one plugin alone: its keys gain that plugin's prefix here
+        standalone = {m["stage"]: f"modalities.{(m.get('modalities') or [modality.name])[0]}." for m in metas
+                      if not m.get("llm")}
         chain = load_chain(model, chain_ckpts, lm.name, list(modalities), prefix_for_stage=standalone)
     return Built(policy, lm, modality, modalities, metas, chain, dm, model, objectives, system_prompt, modality_cfg,
                  optim)
-
-
-def modality_for(init_from: str, conf_dir: Path) -> str:
-    """The conf/modality option whose ``_target_`` built the checkpoint chain's modality."""
-    import yaml
-
-    metas = [ckpt[META_KEY] for _, ckpt in read_chain(init_from)]
-    target = next((m["modality_cfg"].get("_target_") for m in metas if m.get("modality_cfg")), None)
-    for f in sorted((conf_dir / "modality").glob("*.yaml")):
-        if (yaml.safe_load(f.read_text()) or {}).get("_target_") == target:
-            return f.stem
-    raise UsageError(f"init_from={init_from}: no conf/modality config builds {target!r}; pass modality=<name>")
 
 
 def build_trained(init_from: str, overrides: list[str]) -> Built:
@@ -256,14 +210,14 @@ def _run(cfg: Config) -> dict[str, Any]:
         return _run_standalone(cfg, out, policy, batch_size, guard)
 
     b = build(cfg, policy, batch_size)
-    policy, lm, modality, modalities, metas, chain = b.policy, b.lm, b.modality, b.modalities, b.metas, b.chain
+    policy, lm, modalities, metas, chain = b.policy, b.lm, b.modalities, b.metas, b.chain
     dm, model, objectives, system_prompt, modality_cfg, optim = (b.dm, b.model, b.objectives, b.system_prompt,
                                                                  b.modality_cfg, b.optim)
     resume = resolve_resume(cfg.get("resume"), out, policy.name, lm.name, list(modalities))  # tasks.resume
     dm.prepare_data()
     if policy.name == "evaluate" or (cfg.get("eval") or {}).get("before", False):
         precompute_caches(dm, modalities, splits=("eval",))  # read before fit; the rest in fit's setup (tasks.caches)
-    metrics: dict[str, Any] = {"stage": policy.name, "modality": modality.name, "llm": lm.name,
+    metrics: dict[str, Any] = {"stage": policy.name, "modality": "+".join(modalities), "llm": lm.name,
                                "init_from": [str(p) for p in chain], "system_prompt": system_prompt}
     objective_meta = {k: v for o in objectives.values() for k, v in o.meta().items()}
     metrics.update({k: len(v) for k, v in objective_meta.items() if isinstance(v, list)})  # e.g. class counts
@@ -273,7 +227,7 @@ def _run(cfg: Config) -> dict[str, Any]:
         check_scorable(dm.records("eval"))
     train_files = next((m["train_files"] for m in metas if m.get("train_files")), None) or _train_files(cfg)
     if eval_loader is not None:
-        model.decoder = modality.decoder(dict(ev), list(objectives.values()), metas, train_files)
+        model.decoder = plugin_decoder(modalities, dict(ev), list(objectives.values()), metas, train_files)
     beams = int(ev.get("num_beams", 1))
     parts = RunParts(seed=cfg.seed, max_new_tokens=int(ev.get("max_new_tokens", 64)),
                      load_llm=lambda: instantiate(cfg.llm.model), lora=LoraSpec(**OmegaConf.to_container(cfg.llm.lora)),
@@ -283,7 +237,7 @@ def _run(cfg: Config) -> dict[str, Any]:
             raise UsageError("stage=evaluate needs data.eval_manifest=<records file>")
         metrics.update(run_generation(model, eval_loader, parts.max_new_tokens, out / "predictions.jsonl",
                                       num_beams=beams))
-        metrics.update(modality.baselines(model, dm, out, parts, write=True))
+        metrics.update(plugin_baselines(modalities, model, dm, out, parts, write=True))
         return _write_metrics(out, metrics)
     if eval_loader is not None and ev.get("before", False):
         zero = rank_zero_only.rank == 0  # every launched rank runs this, before any weights are sharded
@@ -301,8 +255,7 @@ def _run(cfg: Config) -> dict[str, Any]:
     meta = {"stage": policy.name, "llm": lm.name, "modalities": list(modalities),
             "parent": str(chain[0]) if chain else None, "lora": OmegaConf.to_container(cfg.llm.lora) if policy.lora else None,
             "system_prompt": system_prompt, **objective_meta, "train_files": _train_files(cfg),
-            "modality_cfg": {k: v for k, v in OmegaConf.to_container(modality_cfg, resolve=True).items()
-                             if k not in RUNTIME_MODALITY_KEYS}}
+            "modality": modality_label(cfg, modalities), "modality_cfg": saved_modality_cfg(modality_cfg)}
     stop = StopFile(out / "STOP")
     saver = TrainableOnlyCheckpoint(meta, out / "checkpoints")  # parent stored relative to that folder
     trainer = build_trainer(cfg, out, [PrecomputeCaches(dm, modalities), stats, saver, stop, guard, *extra])
@@ -325,7 +278,7 @@ def _run(cfg: Config) -> dict[str, Any]:
     if eval_loader is not None:
         metrics.update(run_generation(model, eval_loader, parts.max_new_tokens,
                                       out / "predictions.jsonl" if zero else None, num_beams=beams, progress=zero))
-        metrics.update(modality.baselines(model, dm, out, parts, write=zero))
+        metrics.update(plugin_baselines(modalities, model, dm, out, parts, write=zero))
     return _write_metrics(out, metrics) if zero else metrics
 
 
@@ -335,6 +288,9 @@ def _run_standalone(cfg: Config, out: Path, policy: StagePolicy, batch_size: int
     Lightning hooks, on ``cfg.data``; then the plugin's held-out report."""
     from llm.sharding import full_state_dict, is_sharded
 
+    if not cfg.modality.get("_target_"):
+        raise UsageError(f"stage={policy.name} trains one modality's encoder alone; name that modality "
+                         f"(e.g. modality={next(iter(plugin_nodes(cfg.modality)))}), not several")
     modality = instantiate_accepting(cfg.modality, d_llm=None, target_rms=None)
     if type(modality).training_step is L.LightningModule.training_step:
         raise UsageError(f"stage={policy.name} pretrains a modality's own encoder; modality={modality.name} has none "

@@ -174,12 +174,22 @@ def test_discrete_units_path_aligns_then_instructs_through_the_runner(speech_cor
     assert (tmp_path / "cb.safetensors").is_file() and any((tmp_path / "units" / "ids").rglob("*.safetensors"))
     assert align["steps"] == 2 and "wer" in align
     ckpt = torch.load(tmp_path / "align" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert list(ckpt["state_dict"]) == ["modalities.speech.adaptor.weight"]  # the new rows, nothing else
+    # the new rows and the codebook (so the run evaluates where its codebook file is absent), nothing else
+    assert sorted(ckpt["state_dict"]) == ["modalities.speech.adaptor.weight", "modalities.speech.encoder.carried_centroids"]
     instruct = run(cfg_for(TINY + units + ["stage=instruct", "trainer.max_steps=1", "eval.before=false",
                                            f"paths.output_dir={tmp_path}/instruct", f"init_from={tmp_path}/align",
                                            f"data.train_files={c}/instruct_train.json",
                                            f"data.eval_files={c}/instruct_eval.json"]))
     assert instruct["steps"] == 1 and "accuracy" in instruct
+    # merged export: the unit tokens are rows of a plain HF model (the grown-table wrappers materialised)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.export import main as export_main
+
+    export_main([f"init_from={tmp_path}/instruct", "format=merged", f"out={tmp_path}/merged", "llm=tiny", *units])
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.get_input_embeddings().weight.shape[0] == len(tok) and "<unit_3>" in tok.get_vocab()
     # a continuous-speech run cannot start from the units checkpoint: its weights do not fit
     with pytest.raises(ValueError, match="weight\\(s\\) this model lacks"):
         run(cfg_for(TINY + ["stage=instruct", "trainer.max_steps=1", f"paths.output_dir={tmp_path}/x",
