@@ -139,6 +139,10 @@ def modality_shapes(modality_cfg: Mapping[str, Any], d_llm: int) -> tuple[Encode
     (without loading weights) when it has them, else the plugin is instantiated and counted."""
     from hydra.utils import get_object, instantiate
 
+    if not modality_cfg.get("_target_") and modality_cfg.get("plugins"):  # several plugins in one model: their sum
+        parts = [modality_shapes(node, d_llm) for node in modality_cfg["plugins"].values()]
+        return (EncoderShape(" + ".join(e.name for e, _ in parts), count=sum(e.params() for e, _ in parts)),
+                sum(n for _, n in parts))
     planned = get_object(str(modality_cfg["_target_"])).planned_shapes(modality_cfg, d_llm)
     if planned is not None:
         return planned

@@ -133,6 +133,14 @@ def test_encoder_and_adaptor_counts_exact():
     assert TINY_ENCODER["d_model"] == enc.d_model
 
 
+def test_several_plugins_count_as_their_sum():
+    one = {"_target_": "modality.speech.plugin.SpeechModality", "tiny": True, "hidden": 32}
+    enc1, ad1 = modality_shapes(one, 64)
+    enc, adaptor = modality_shapes({"plugins": {"a": one, "b": {**one, "hidden": 16}}}, 64)
+    enc2, ad2 = modality_shapes({**one, "hidden": 16}, 64)
+    assert enc.params() == enc1.params() + enc2.params() and adaptor == ad1 + ad2 and ad1 != ad2
+
+
 def test_cli_composes_the_real_config(capsys):
     est = main(["llm=llama31_8b", "stage=instruct", "trainer=fsdp", "trainer.devices=8", "data.batch_size=4",
                 "trainer.precision=bf16-mixed", "--seq-len", "2048", "--json"])
