@@ -33,6 +33,7 @@ class RunStats(L.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
         self.samples = 0
+        self.tokens = 0  # attended LLM positions trained on (text and modality positions, padding excluded)
         self.t0 = 0.0
         self.seconds = 0.0  # training time of every fit this run's state has seen (a resumed run's included)
         self._before = 0.0
@@ -52,10 +53,11 @@ class RunStats(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpointed (mid-fit too: the time up to the save) and handed back by spawned ranks."""
-        return {"losses": list(self.losses), "samples": self.samples, "seconds": self.elapsed()}
+        return {"losses": list(self.losses), "samples": self.samples, "tokens": self.tokens, "seconds": self.elapsed()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.losses, self.samples = list(state["losses"]), int(state["samples"])
+        self.tokens = int(state.get("tokens", 0))
         self.seconds = self._before = float(state["seconds"])
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -80,6 +82,12 @@ class RunStats(L.Callback):
         if loss is not None and math.isfinite(v := float(loss.detach())):  # a skipped non-finite step: NonFiniteGuard
             self.losses.append(v)
         self.samples += batch_size(batch)
+        if isinstance(batch, dict) and "attention_mask" in batch:
+            tokens = int(batch["attention_mask"].sum())
+            self.tokens += tokens
+            if len(self._starts) and pl_module is not None and getattr(pl_module, "_trainer", None) is not None:
+                rate = tokens / max(1e-9, time.perf_counter() - self._starts[-1])  # this step, start to end
+                pl_module.log("train/tokens_per_second", rate, on_step=True, on_epoch=False, batch_size=1)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.seconds = self.elapsed()
@@ -96,6 +104,7 @@ class RunStats(L.Callback):
             "last_loss_avg": sum(self.losses[-k:]) / k if self.losses else None,
             "train_seconds": round(self.seconds, 2),
             "samples_per_second": round(self.samples / self.seconds, 3) if self.seconds else None,
+            "tokens_per_second": round(self.tokens / self.seconds, 1) if self.seconds and self.tokens else None,
             "seconds_per_step": round(self.seconds / max(1, trainer.global_step), 3) if self.seconds else None,
             "step_seconds_median": self.step_seconds(),  # this process's steps only
             "trainable_params": sum(p.numel() for _, p in params if p.requires_grad),

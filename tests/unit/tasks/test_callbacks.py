@@ -73,3 +73,23 @@ def test_run_stats_step_time_is_the_median_gap_between_step_starts_after_warm_up
     for i in range(8):
         stats.on_train_batch_start(None, None, None, i)
     assert stats.step_seconds() == 1.0  # gaps from the third start: 1, 1.5, 1, 1, 13.5
+
+
+def test_run_stats_count_attended_tokens_and_carry_them_through_a_resume():
+    import tasks.callbacks as cb
+
+    stats = cb.RunStats()
+    batch = {"input_ids": torch.zeros(2, 5, dtype=torch.long),
+             "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}
+    for i in range(3):
+        stats.on_train_batch_end(None, None, torch.tensor(1.0), batch, i)
+    assert stats.tokens == 24 and stats.samples == 6  # padding is not a token trained on
+    again = cb.RunStats()
+    again.load_state_dict(stats.state_dict())
+    assert again.tokens == 24
+    stats.seconds = 2.0
+
+    class Trainer:
+        global_step = 3
+
+    assert stats.summary(Trainer(), torch.nn.Linear(1, 1))["tokens_per_second"] == 12.0
