@@ -8,7 +8,7 @@ For each stage, the real default config (Whisper tiny.en + SmolLM2-135M, conf/st
   plain  the same model, built by the same ``tasks.runner.build``, the same data loader (so the same batches), AdamW
          over the same trainable weights with the same gradient clipping, in a bare torch loop, timed piece by
          piece: data (fetch + collate), encoder, adaptor, LLM forward (merge + LM loss), backward, optimizer.
-The two alternate ``--reps`` times (medians: least disturbed by other processes). Last line per stage:
+The two alternate ``--reps`` times, in ABBA order (medians: least disturbed by other processes). Last line per stage:
 ``overhead <stage> <mmlm / plain>``; then ``overhead <worst ratio>``. Goal (issue 23): <= 1.05.
 """
 
@@ -127,10 +127,13 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for stage in args.stages:
             mm, plain = [], []
-            for r in range(args.reps):
+            for r in range(args.reps):  # ABBA: which path runs first alternates too (a warm process, a fresh heap)
                 over = stage_overrides(stage, args.steps, Path(tmp) / f"{stage}{r}", args.overrides)
-                mm.append(mmlm_step(compose(over)))
-                plain.append(plain_steps(compose(over), args.steps))
+                for path in (("mmlm", "plain") if r % 2 == 0 else ("plain", "mmlm")):
+                    if path == "mmlm":
+                        mm.append(mmlm_step(compose(over)))
+                    else:
+                        plain.append(plain_steps(compose(over), args.steps))
             p = {k: statistics.median(x[k] for x in plain) for k in plain[0]}
             m = statistics.median(mm)
             each = ", ".join(f"{x:.3f}" for x in mm) + " vs " + ", ".join(f"{x['step']:.3f}" for x in plain)
