@@ -4,7 +4,7 @@ Each checkpoint carries ``ckpt["mmlm"] = {stage, llm, modalities, parent}``; ``p
 checkpoint it was initialised from. Loading walks that chain, so an instruct run gets the
 encoder a standalone stage pretrained, the adaptor (align) and its own LoRA, each from where it trained.
 Beside what trains, a checkpoint carries a plugin's buffers named ``carried_*``: frozen state fitted from data
-(the discrete speech path's k-means codebook), so a run evaluates where the file it was fitted into is absent.
+(e.g. a plugin's k-means codebook), so a run evaluates where the file it was fitted into is absent.
 
 ``parent`` is stored relative to the checkpoint's own folder (older checkpoints: absolute), with the absolute
 path beside it (``PARENT_AT``, outside the metadata a packed folder ships): a chain moved or copied as one folder
