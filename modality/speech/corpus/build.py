@@ -176,9 +176,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--questions", type=int, default=0, metavar="N",
                    help="build ONLY the spoken-question data, N training clips (see modality.speech.corpus.questions)")
     p.add_argument("--tone", type=int, default=0, metavar="N",
-                   help="only N more training conversations about the voice (no new audio; --tone-mix picks the file)")
-    p.add_argument("--tone-mix", choices=sorted(TONE_MIXES), default="voice",
-                   help="with --tone: voice -> instruct_tone_train.json, compare -> instruct_compare_train.json")
+                   help="only N more training conversations about the voice (instruct_tone_train.json; no new audio)")
     p.add_argument("--qa-text", type=int, default=0, metavar="N", help="with --questions: N text-only training questions")
     p.add_argument("--n-qa-eval", type=int, default=200, metavar="N", help="with --questions: N held-out spoken questions")
     p.add_argument("--qa-llm", default="smollm2-135m-instruct", help="the LLM whose typed answers are the targets")
@@ -188,24 +186,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# how the voice sounds (--tone-mix): "voice", comparisons twice as often (two clips' tone positions compared is what
-# instruct saw least); "compare", two thirds comparisons (instruct4 saw ~250 compare_pitch pairs and answered them
-# at chance: a relation between two clips' positions needs far more examples than one clip's label)
-TONE_MIXES = {
-    "voice": {"pitch": 1.0, "speed": 1.0, "gender": 0.5, "accent_region": 0.5, "compare_pitch": 2.0, "compare_speed": 2.0},
-    "compare": {"pitch": 1.0, "speed": 1.0, "gender": 0.5, "accent_region": 0.5, "compare_pitch": 3.0, "compare_speed": 3.0},
-}
-TONE_FILES = {"voice": "instruct_tone_train.json", "compare": "instruct_compare_train.json"}
+# how the voice sounds, comparisons twice as often: two clips' tone positions compared is what instruct saw least
+TONE_WEIGHTS = {"pitch": 1.0, "speed": 1.0, "gender": 0.5, "accent_region": 0.5, "compare_pitch": 2.0,
+                "compare_speed": 2.0}
 
 
-def build_tone(out: Path, n: int, seed: int, mix: str = "voice") -> dict:
-    """``n`` more training conversations about the voice only (TONE_MIXES[mix]), over the align training clips
-    already built: no new audio. Ids ``<mix>-NNNNNN``; a different draw than instruct_train.json."""
+def build_tone(out: Path, n: int, seed: int) -> dict:
+    """``n`` more training conversations about the voice only (TONE_WEIGHTS), over the align training clips
+    already built: no new audio. Ids ``tone-NNNNNN``; a different draw than instruct_train.json."""
     if not (out / "train.jsonl").exists():
         raise FileNotFoundError(f"{out / 'train.jsonl'} is missing: build the align manifests first")
-    prefix = "tone" if mix == "voice" else mix
-    records = make_conversations(read_jsonl(out / "train.jsonl"), [], n, seed, prefix, weights=TONE_MIXES[mix])
-    write_records(out / TONE_FILES[mix], records)
+    records = make_conversations(read_jsonl(out / "train.jsonl"), [], n, seed, "tone", weights=TONE_WEIGHTS)
+    write_records(out / "instruct_tone_train.json", records)
     return dict(sorted(collections.Counter(r["type"] for r in records).items()))
 
 
@@ -230,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  skipped: {e}", file=sys.stderr)
         return 0
     if args.tone:
-        types = build_tone(args.out, args.tone, args.seed, args.tone_mix)
-        print(f"tone conversations: {sum(types.values())} ({types}) -> {args.out / TONE_FILES[args.tone_mix]}, "
+        types = build_tone(args.out, args.tone, args.seed)
+        print(f"tone conversations: {sum(types.values())} ({types}) -> {args.out / 'instruct_tone_train.json'}, "
               f"{time.perf_counter() - t0:.1f}s")
         return 0
     if args.text_train:

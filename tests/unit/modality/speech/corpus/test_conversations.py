@@ -191,13 +191,13 @@ def test_cli_align_only_larger_build_extends_a_smaller_one(tmp_path: Path, capsy
 
 def test_tone_build_writes_voice_questions_over_the_existing_clips(tmp_path) -> None:
     """--tone N: N more voice conversations (comparisons most), no new audio, ids apart from instruct_train's."""
-    from modality.speech.corpus.build import TONE_MIXES, main
+    from modality.speech.corpus.build import TONE_WEIGHTS, main
 
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _pool(80)))
     assert main(["--out", str(tmp_path), "--tone", "60"]) == 0
     recs = json.loads((tmp_path / "instruct_tone_train.json").read_text())
     types = [r["type"] for r in recs]
-    assert len(recs) == 60 and set(types) <= set(TONE_MIXES["voice"]) and len({r["id"] for r in recs}) == 60
+    assert len(recs) == 60 and set(types) <= set(TONE_WEIGHTS) and len({r["id"] for r in recs}) == 60
     assert all(r["id"].startswith("tone-") for r in recs)
     assert types.count("compare_pitch") > types.count("gender")
     clips = {r["audio_filepath"] for r in _pool(80)}
@@ -206,8 +206,3 @@ def test_tone_build_writes_voice_questions_over_the_existing_clips(tmp_path) -> 
         if r["type"] in ("pitch", "speed", "gender"):
             row = next(x for x in _pool(80) if x["audio_filepath"] == r["speech"][0])
             assert r["answers"][0] == row[{"pitch": "pitch_class", "speed": "speed_class"}.get(r["type"], "gender")]
-    # --tone-mix compare: its own file and ids, comparisons two thirds of it
-    assert main(["--out", str(tmp_path), "--tone", "90", "--tone-mix", "compare", "--seed", "3"]) == 0
-    comp = json.loads((tmp_path / "instruct_compare_train.json").read_text())
-    assert len(comp) == 90 and all(r["id"].startswith("compare-") for r in comp)
-    assert sum(r["type"].startswith("compare_") for r in comp) > 45
