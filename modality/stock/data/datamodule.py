@@ -146,6 +146,7 @@ class StockConversationDataModule(ConversationDataModule):
             self.files["eval"] = [str(self.csv_out)]
             self._records.pop("eval", None)
         ours = any(Path(f).name in RECORD_FILES for fs in self.files.values() for f in fs)
-        if self.prepare is not None and ours:  # the derived record folder: rebuilt when stale or damaged (text.stale_reason)
-            self.prepare()
+        if self.prepare is not None and ours:  # the derived record folder: rebuilt when damaged (text.stale_reason),
+            # or built with other settings when this run trains on it
+            self.prepare(rebuild_stale=any(Path(f).name in RECORD_FILES for f in self.files["train"]))
         super().prepare_data()

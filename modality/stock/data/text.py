@@ -293,10 +293,10 @@ def _digest(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def stale_reason(out: str | Path, settings: Mapping[str, object]) -> str | None:
-    """Why the record files in ``out`` cannot be used as they are (None: they are what ``settings`` build).
-    Why: the folder is a derived cache; a file cut short (even at a line boundary, which reads as fewer records),
-    edited, or built with other settings would otherwise be used silently."""
+def stale_reason(out: str | Path, settings: Mapping[str, object] | None) -> str | None:
+    """Why the record files in ``out`` cannot be used as they are (None: they are what ``settings`` build; with
+    ``settings`` None, any intact build). Why: the folder is a derived cache; a file cut short (even at a line
+    boundary, which reads as fewer records), edited, or built with other settings would otherwise be used silently."""
     out = Path(out)
     try:
         manifest = json.loads((out / MANIFEST).read_text())
@@ -304,7 +304,7 @@ def stale_reason(out: str | Path, settings: Mapping[str, object]) -> str | None:
         return f"no {MANIFEST} (written by an older version, or an interrupted build)"
     except (json.JSONDecodeError, UnicodeDecodeError):
         return f"{MANIFEST} is damaged"
-    if manifest.get("settings") != json.loads(json.dumps(dict(settings))):
+    if settings is not None and manifest.get("settings") != json.loads(json.dumps(dict(settings))):
         return f"built with other settings ({manifest.get('settings')})"
     for name, entry in manifest.get("files", {}).items():
         path = out / name
@@ -331,6 +331,7 @@ def prepare_records(
     n_qa: int = 160,
     n_turns: int = 12,
     holdout: list[str] | None = None,
+    rebuild_stale: bool = True,
 ) -> list[Path]:
     """Write :data:`RECORD_FILES` into ``out``: align/instruct records for each split, and
     ``n_qa`` single-question scoring records (balanced over :data:`QUESTION_TYPES`) for val/test.
@@ -339,11 +340,18 @@ def prepare_records(
     Instruct records ask ``n_turns`` questions about one window (a window's encoding is paid once
     for several answers). ``holdout`` tickers are left out of every file but
     ``stock_qa_heldout.jsonl`` (their test period): instruments the model never saw.
+
+    An existing build is reused when intact and built with these settings; damaged (or older) it is rebuilt; built
+    with other settings it is rebuilt only with ``rebuild_stale`` (a run that trains on it), else used as it is,
+    with a warning (an evaluation never rewrites the records it was pointed at).
     """
     holdout = [str(t) for t in holdout or ()]
     settings = {"source": source, "context": context, "horizon": horizon, "n_align": n_align, "n_instruct": n_instruct,
                 "eval_frac": eval_frac, "seed": seed, "n_qa": n_qa, "n_turns": n_turns, "holdout": holdout}
     reason = stale_reason(out, settings)
+    if reason is not None and not rebuild_stale and stale_reason(out, None) is None:
+        log.warning("%s: stock records %s; used as they are (this run trains on none of them)", out, reason)
+        reason = None
     if reason is None:
         files = json.loads((Path(out) / MANIFEST).read_text())["files"]
         return [Path(out) / name for name in files]

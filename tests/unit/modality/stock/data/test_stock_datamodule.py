@@ -134,11 +134,12 @@ def test_datamodule_rebuilds_a_damaged_record_folder_of_its_own_but_never_calls_
     from modality.stock.data.text import prepare_records
 
     calls = []
+    n_align = {"n": 3}
 
-    def prepare() -> None:
-        calls.append(1)
-        partial(prepare_records, tmp_path / "rec", context=CONTEXT, horizon=5, n_align=3, n_instruct=2, eval_frac=0.5,
-                n_qa=12)()
+    def prepare(rebuild_stale: bool = True) -> None:
+        calls.append(rebuild_stale)
+        partial(prepare_records, tmp_path / "rec", context=CONTEXT, horizon=5, n_align=n_align["n"], n_instruct=2,
+                eval_frac=0.5, n_qa=12)(rebuild_stale=rebuild_stale)
 
     train = tmp_path / "rec" / "stock_align_train.jsonl"
     dm = StockConversationDataModule(None, {}, {}, train_files=str(train), prepare=prepare)
@@ -150,3 +151,10 @@ def test_datamodule_rebuilds_a_damaged_record_folder_of_its_own_but_never_calls_
     own.write_text(train.read_text())
     StockConversationDataModule(None, {}, {}, train_files=str(own), prepare=prepare).prepare_data()
     assert len(calls) == 2
+    n_align["n"] = 5  # other settings: an evaluation pointed at the folder uses it as it is; a training run rebuilds
+    test = tmp_path / "rec" / "stock_qa_test.jsonl"
+    before = test.read_text()
+    StockConversationDataModule(None, {}, {}, eval_manifest=str(test), prepare=prepare).prepare_data()
+    assert calls[-1] is False and test.read_text() == before and len(train.read_text().splitlines()) == 3
+    StockConversationDataModule(None, {}, {}, train_files=str(train), prepare=prepare).prepare_data()
+    assert calls[-1] is True and len(train.read_text().splitlines()) == 5
