@@ -11,6 +11,7 @@ that fails (e.g. no C++ compiler for torch.compile) is reported as such. Last li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 from collections.abc import Callable
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
                     extra, prepare, context = VARIANTS[v]
                     cfg = compose(stage_overrides(stage, args.steps, Path(tmp) / v, [*extra, *args.overrides]))
                     try:
-                        got[v].append(plain_steps(cfg, args.steps, prepare, context or _nothing)["step"])
+                        got[v].append(plain_steps(cfg, args.steps, prepare, context or contextlib.nullcontext)["step"])
                     except Exception as e:  # noqa: BLE001 - a variant this machine cannot run is a result too
                         failed[v] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
             base = statistics.median(got["sdpa"]) if got.get("sdpa") else None
@@ -88,12 +89,6 @@ def main(argv: list[str] | None = None) -> None:
             if base:
                 best = min((v for v in args.variants if got[v]), key=lambda v: statistics.median(got[v]))
                 print(f"best {stage} {best} {base / statistics.median(got[best]):.2f}")
-
-
-def _nothing() -> Any:
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 if __name__ == "__main__":
